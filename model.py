@@ -1,0 +1,235 @@
+"""The video DiT with a latent in-context reference (paper Sec. 3.1-3.2), LTX-2 style blocks.
+
+Read top to bottom: config -> attention -> block -> DiT. Latents are [B, C, T, H, W]; the
+1x1x1 patchify turns them into T*H*W tokens (t-major). The reference latent z_ref is one more
+latent frame appended after the video tokens, z~_t = [z_t, z_ref] (Sec. 3.1), positioned by
+TASS-RoPE (Sec. 3.2) and seen at timestep 0 (it is clean); its output is discarded.
+
+Dropping the reference for sample b = hiding keys >= N_video from every query of b: a
+per-sample key length kv_len[b] (design.md, "Dropping the reference inside a batch").
+"""
+import argparse
+import math
+from dataclasses import dataclass, fields, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from rope import apply_rope, reference_positions, rope_frequencies, video_positions
+
+
+@dataclass
+class DiTConfig:
+    in_channels: int = 8  # latent channels C
+    dim: int = 128
+    depth: int = 4
+    heads: int = 4
+    text_dim: int = 128  # width of the text encoder's output
+    mlp_ratio: float = 4.0
+    rope_theta: float = 10000.0
+    ref_mode: str = "tass"  # rope.reference_positions mode
+    attn_backend: str = "torch"  # "torch" (reference) or "triton" (kernels.rope_attention)
+    grad_checkpoint: bool = False
+
+
+CONFIGS = {
+    "tiny": DiTConfig(in_channels=8, dim=64, depth=2, heads=2, text_dim=64),
+    "small": DiTConfig(in_channels=16, dim=384, depth=8, heads=6, text_dim=128),
+    # LTX-2.3's video branch: 48 layers, 4096 wide, 32 heads of 128, 128 latent channels.
+    "ltx2-video": DiTConfig(in_channels=128, dim=4096, depth=48, heads=32, text_dim=4096),
+}
+
+
+def config_from(name: str, **overrides) -> DiTConfig:
+    if name not in CONFIGS:
+        raise ValueError(f"unknown DiT config {name!r}; choose one of {sorted(CONFIGS)}")
+    known = {f.name for f in fields(DiTConfig)}
+    return replace(CONFIGS[name], **{k: v for k, v in overrides.items() if k in known and v is not None})
+
+
+# ----------------------------------------------------------------------------- attention
+
+def key_mask(kv_len: torch.Tensor | None, n_keys: int) -> torch.Tensor | None:
+    """[B, 1, 1, N] bool: key n is visible to sample b iff n < kv_len[b]."""
+    if kv_len is None:
+        return None
+    return (torch.arange(n_keys, device=kv_len.device)[None] < kv_len[:, None])[:, None, None]
+
+
+def rope_sdpa(q, k, v, pos, freqs, kv_len):
+    """The `torch` backend: apply_rope on q and k, then masked scaled-dot-product attention."""
+    q, k = apply_rope(q, pos, freqs), apply_rope(k, pos, freqs)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask(kv_len, k.shape[2]))
+
+
+def self_attention(q, k, v, pos, freqs, kv_len, backend: str):
+    if backend == "triton":
+        from kernels import rope_attention
+        return rope_attention(q, k, v, pos, freqs, kv_len)
+    if backend != "torch":
+        raise ValueError(f"unknown attention backend {backend!r}; choose 'torch' or 'triton'")
+    return rope_sdpa(q, k, v, pos, freqs, kv_len)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with qk-RMSNorm; self-attention with 3D RoPE or cross-attention."""
+
+    def __init__(self, dim: int, heads: int, ctx_dim: int | None = None):
+        super().__init__()
+        self.heads = heads
+        self.to_q = nn.Linear(dim, dim)
+        self.to_k = nn.Linear(ctx_dim or dim, dim)
+        self.to_v = nn.Linear(ctx_dim or dim, dim)
+        self.q_norm, self.k_norm = nn.RMSNorm(dim, eps=1e-6), nn.RMSNorm(dim, eps=1e-6)
+        self.to_out = nn.Linear(dim, dim)
+
+    def split_heads(self, x):  # [B, N, dim] -> [B, heads, N, dim/heads]
+        return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+
+    def forward(self, x, ctx=None, ctx_mask=None, pos=None, freqs=None, kv_len=None, backend="torch"):
+        src = x if ctx is None else ctx
+        q = self.split_heads(self.q_norm(self.to_q(x)))
+        k = self.split_heads(self.k_norm(self.to_k(src)))
+        v = self.split_heads(self.to_v(src))
+        if ctx is None:
+            o = self_attention(q, k, v, pos, freqs, kv_len, backend)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx_mask[:, None, None])
+        return self.to_out(o.transpose(1, 2).flatten(2))
+
+
+# ----------------------------------------------------------------------------- blocks
+
+def modulate(x, shift, scale):
+    return x * (1 + scale) + shift
+
+
+def per_segment(fn, x: torch.Tensor, lens: list[int], mods: torch.Tensor) -> torch.Tensor:
+    """Apply fn(x_s, mod_s) to each token segment s (video, reference) with its own
+    modulation mods[:, s] ([B, k, D]); the per-token timestep is never materialised."""
+    return torch.cat([fn(xs, mods[:, s]) for s, xs in enumerate(x.split(lens, dim=1))], dim=1)
+
+
+class FeedForward(nn.Sequential):
+    def __init__(self, dim: int, mult: float):
+        hidden = int(dim * mult)
+        super().__init__(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+
+
+class Block(nn.Module):
+    """LTX-2 style transformer block: AdaLN-single modulated self-attention (3D RoPE) and FFN,
+    plain cross-attention to the text, gates initialised to zero (DiT's adaLN-Zero)."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        d = cfg.dim
+        self.norm1 = nn.RMSNorm(d, eps=1e-6, elementwise_affine=False)
+        self.attn1 = Attention(d, cfg.heads)
+        self.norm2 = nn.RMSNorm(d, eps=1e-6, elementwise_affine=False)
+        self.attn2 = Attention(d, cfg.heads)
+        self.norm3 = nn.RMSNorm(d, eps=1e-6, elementwise_affine=False)
+        self.ff = FeedForward(d, cfg.mlp_ratio)
+        # rows: shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp
+        self.scale_shift_table = nn.Parameter(torch.randn(6, d) / d**0.5)
+        with torch.no_grad():
+            self.scale_shift_table[[2, 5]] = 0.0
+        self.backend = cfg.attn_backend
+
+    def forward(self, x, t_mod, lens, y, y_mask, pos, freqs, kv_len):
+        mods = t_mod + self.scale_shift_table  # [B, S, 6, D], one row set per segment
+        h = per_segment(lambda xs, m: modulate(xs, m[:, 0:1], m[:, 1:2]), self.norm1(x), lens, mods)
+        h = self.attn1(h, pos=pos, freqs=freqs, kv_len=kv_len, backend=self.backend)
+        x = x + per_segment(lambda hs, m: m[:, 2:3] * hs, h, lens, mods)
+        x = x + self.attn2(self.norm2(x), ctx=y, ctx_mask=y_mask)
+        h = per_segment(lambda xs, m: modulate(xs, m[:, 3:4], m[:, 4:5]), self.norm3(x), lens, mods)
+        return x + per_segment(lambda hs, m: m[:, 5:6] * hs, self.ff(h), lens, mods)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of the network time 1000 t (flow convention: t=1 noise, t=0 data)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
+    args = 1000.0 * t.float()[:, None] * freqs[None]
+    return torch.cat([args.cos(), args.sin()], dim=-1)
+
+
+class DiT(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.dim
+        self.patchify = nn.Linear(cfg.in_channels, d)  # 1x1x1 patches
+        self.caption_projection = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
+        self.t_embedder = nn.Sequential(nn.Linear(256, d), nn.SiLU(), nn.Linear(d, d))
+        self.adaln_single = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))  # shared by all blocks
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.norm_out = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.out_scale_shift_table = nn.Parameter(torch.randn(2, d) / d**0.5)
+        self.proj_out = nn.Linear(d, cfg.in_channels)
+        self.register_buffer("freqs", rope_frequencies(d // cfg.heads, cfg.rope_theta), persistent=False)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.zeros_(self.adaln_single[1].weight)  # adaLN-Zero: modulation starts at the table
+        nn.init.zeros_(self.proj_out.weight)
+
+    def timestep_modulation(self, t):
+        """t [B] -> (embedded t [B, D], per-block modulation [B, 6, D])."""
+        emb = self.t_embedder(timestep_embedding(t).to(self.patchify.weight.dtype))
+        return emb, self.adaln_single(emb).unflatten(-1, (6, -1))
+
+    def forward(self, z_t, t, y, y_mask, z_ref=None, ref_keep=None):
+        """Predict the velocity v for the video latents.
+
+        z_t [B, C, T, H, W] noisy video latents, t [B] in [0, 1], y [B, L, text_dim] text
+        features with mask y_mask [B, L]; z_ref [B, C, H, W] or [B, C, 1, H, W] the clean
+        reference latent (optional), ref_keep [B] bool: False hides the reference of that sample.
+        Returns v [B, C, T, H, W] (the reference stream's output is discarded).
+        """
+        B, C, T, H, W = z_t.shape
+        x = self.patchify(z_t.flatten(2).transpose(1, 2))  # [B, T*H*W, D]
+        pos = video_positions(T, H, W).to(x.device)
+        emb_t, mod_t = self.timestep_modulation(t)
+        lens, mods, kv_len = [x.shape[1]], mod_t[:, None], None
+        if z_ref is not None:
+            r = self.patchify(z_ref.reshape(B, C, H * W).transpose(1, 2))  # [B, H*W, D]
+            x = torch.cat([x, r], dim=1)  # z~_t = [z_t, z_ref] along time (Sec. 3.1)
+            pos = torch.cat([pos, reference_positions(T, H, W, self.cfg.ref_mode).to(x.device)])  # Sec. 3.2
+            _, mod_ref = self.timestep_modulation(torch.zeros_like(t))  # the reference is clean: t = 0
+            lens, mods = lens + [H * W], torch.stack([mod_t, mod_ref], dim=1)
+            keep = torch.ones(B, dtype=torch.bool, device=x.device) if ref_keep is None else ref_keep
+            kv_len = (lens[0] + keep.long() * lens[1]).to(torch.int32)
+        y = self.caption_projection(y)
+        for block in self.blocks:
+            args = (x, mods, lens, y, y_mask, pos, self.freqs, kv_len)
+            if self.cfg.grad_checkpoint and self.training:
+                x = checkpoint(block, *args, use_reentrant=False)
+            else:
+                x = block(*args)
+        x = x[:, : lens[0]]  # discard the reference stream
+        shift, scale = (self.out_scale_shift_table[None] + emb_t[:, None]).unbind(1)
+        x = self.proj_out(modulate(self.norm_out(x), shift[:, None], scale[:, None]))
+        return x.transpose(1, 2).reshape(B, C, T, H, W)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def main():
+    p = argparse.ArgumentParser(description="Build a DiT config (on the meta device) and print its size.")
+    p.add_argument("--config", default="ltx2-video", choices=sorted(CONFIGS), help="which DiT config to build")
+    args = p.parse_args()
+    with torch.device("meta"):
+        model = DiT(CONFIGS[args.config])
+    print(f"{args.config}: {count_parameters(model) / 1e9:.3f} B parameters ({count_parameters(model):,})")
+
+
+if __name__ == "__main__":
+    main()
