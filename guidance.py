@@ -30,19 +30,16 @@ def three_stream_velocity(model, z_t, t, y, y_mask, y_0, y_0_mask, z_ref, s_y: f
     """One forward of batch 3B -> decoupled CFG velocity [B, ...].
 
     y/y_mask: the prompt's text features; y_0/y_0_mask: the empty prompt's (same length L).
+    With z_ref None (a text-to-video model) it runs 2B streams: classic CFG, v_yr = v_y.
     """
     B = z_t.shape[0]
-    keep_ref = torch.arange(3 * B, device=z_t.device) >= 2 * B  # streams: [v_0 | v_y | v_yr]
-    v = model(
-        z_t.repeat(3, *([1] * (z_t.dim() - 1))),
-        t.repeat(3),
-        torch.cat([y_0, y, y]),
-        torch.cat([y_0_mask, y_mask, y_mask]),
-        z_ref=z_ref.repeat(3, *([1] * (z_ref.dim() - 1))),
-        ref_keep=keep_ref,
-    )
-    v_0, v_y, v_yr = v.chunk(3)
-    return decoupled_cfg(v_0, v_y, v_yr, s_y, s_r)
+    n = 2 if z_ref is None else 3
+    rep = lambda x: x.repeat(n, *([1] * (x.dim() - 1)))
+    keep_ref = torch.arange(n * B, device=z_t.device) >= 2 * B  # streams: [v_0 | v_y | v_yr]
+    v = model(rep(z_t), t.repeat(n), torch.cat([y_0, y] + [y] * (n - 2)), torch.cat([y_0_mask, y_mask] + [y_mask] * (n - 2)),
+              z_ref=None if z_ref is None else rep(z_ref), ref_keep=None if z_ref is None else keep_ref).chunk(n)
+    v_yr = v[2] if z_ref is not None else v[1]
+    return decoupled_cfg(v[0], v[1], v_yr, s_y, s_r)
 
 
 def shift_for_tokens(n_tokens: int, base_shift: float = 0.95, max_shift: float = 2.05, base_n: int = 1024, max_n: int = 4096) -> float:
@@ -50,11 +47,15 @@ def shift_for_tokens(n_tokens: int, base_shift: float = 0.95, max_shift: float =
     return base_shift + (max_shift - base_shift) * (n_tokens - base_n) / (max_n - base_n)
 
 
+def shift_time(u: torch.Tensor, mu: float) -> torch.Tensor:
+    """t = e^mu u / (1 + (e^mu - 1) u): mu > 0 moves times towards noise (t = 1)."""
+    s = math.exp(mu)
+    return s * u / (1 + (s - 1) * u)
+
+
 def timesteps(steps: int, mu: float = 0.0) -> torch.Tensor:
     """steps + 1 times from 1 (noise) to 0 (data), warped by the shift mu (mu = 0: uniform)."""
-    u = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
-    s = math.exp(mu)
-    return (s * u / (1 + (s - 1) * u)).float()
+    return shift_time(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), mu).float()
 
 
 @torch.no_grad()

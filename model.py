@@ -135,12 +135,12 @@ class Block(nn.Module):
         self.scale_shift_table = nn.Parameter(torch.randn(6, d) / d**0.5)
         with torch.no_grad():
             self.scale_shift_table[[2, 5]] = 0.0
-        self.backend = cfg.attn_backend
+        self.cfg = cfg  # shared with the DiT: attn_backend can be switched after building
 
     def forward(self, x, t_mod, lens, y, y_mask, pos, freqs, kv_len):
         mods = t_mod + self.scale_shift_table  # [B, S, 6, D], one row set per segment
         h = per_segment(lambda xs, m: modulate(xs, m[:, 0:1], m[:, 1:2]), self.norm1(x), lens, mods)
-        h = self.attn1(h, pos=pos, freqs=freqs, kv_len=kv_len, backend=self.backend)
+        h = self.attn1(h, pos=pos, freqs=freqs, kv_len=kv_len, backend=self.cfg.attn_backend)
         x = x + per_segment(lambda hs, m: m[:, 2:3] * hs, h, lens, mods)
         x = x + self.attn2(self.norm2(x), ctx=y, ctx_mask=y_mask)
         h = per_segment(lambda xs, m: modulate(xs, m[:, 3:4], m[:, 4:5]), self.norm3(x), lens, mods)

@@ -1,0 +1,145 @@
+"""Benchmark the fused RoPE + attention kernel against PyTorch, as a markdown table.
+
+Modes, all non-causal, no key mask (kv_len = None), B=1 by default:
+  triton   kernels.rope_attention (RoPE inside the kernel)
+  eager    rope.apply_rope on q, k + F.scaled_dot_product_attention
+  compile  the same, under torch.compile
+  sdpa     F.scaled_dot_product_attention alone, no RoPE: the bound for `triton`
+
+Sequence lengths are video tokens plus one reference frame, (T + 1) * H * W, positioned by
+TASS-RoPE (rope.video_positions + rope.reference_positions):
+  2560  = (9 + 1)  * 16 * 16
+  6528  = (16 + 1) * 16 * 24
+  26112 = (16 + 1) * 32 * 48
+Any other --n uses a single row of N tokens (timing does not depend on the position values).
+FLOPs: forward 4 B H N^2 D; backward 2.5x that, so forward + backward 3.5x.
+
+  python bench_attention.py                       # needs a CUDA GPU
+  TRITON_INTERPRET=1 python bench_attention.py --check   # tiny correctness smoke test, CPU ok
+"""
+import argparse
+import sys
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+from kernels import rope_attention
+from kernels.rope_attention import rope_attention_reference
+from rope import apply_rope, reference_positions, rope_frequencies, video_positions
+
+GRIDS = {2560: (9, 16, 16), 6528: (16, 16, 24), 26112: (16, 32, 48)}  # N -> (T, H, W)
+MODES = ("triton", "eager", "compile", "sdpa")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def positions(n: int) -> tuple[torch.Tensor, str]:
+    """[N, 3] positions and a description of the layout."""
+    if n in GRIDS:
+        T, H, W = GRIDS[n]
+        pos = torch.cat([video_positions(T, H, W), reference_positions(T, H, W, "tass")])
+        return pos, f"({T}+1)x{H}x{W}"
+    return video_positions(1, 1, n), f"1x1x{n}"
+
+
+def rope_sdpa(q, k, v, pos, freqs):
+    return F.scaled_dot_product_attention(apply_rope(q, pos, freqs), apply_rope(k, pos, freqs), v)
+
+
+def mode_fns(pos, freqs):
+    compiled = torch.compile(rope_sdpa)
+    return {
+        "triton": lambda q, k, v: rope_attention(q, k, v, pos, freqs),
+        "eager": lambda q, k, v: rope_sdpa(q, k, v, pos, freqs),
+        "compile": lambda q, k, v: compiled(q, k, v, pos, freqs),
+        "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v),
+    }
+
+
+def bench(args) -> None:
+    dtype, B, H, D = DTYPES[args.dtype], args.batch, args.heads, args.dim
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, B={B}, heads={H}, D={D}, {args.dtype}\n")
+    print("| N | grid (T+1)xHxW | mode | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s |")
+    print("|---|---|---|---|---|---|---|")
+    ratios = []
+    for n in args.n:
+        pos, grid = positions(n)
+        pos, freqs = pos.cuda(), rope_frequencies(D).cuda()
+        q, k, v = (torch.randn(B, H, n, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+        d_out = torch.randn(B, H, n, D, device="cuda", dtype=dtype)
+        flops = 4 * B * H * n * n * D
+        times = {}
+        for mode, fn in mode_fns(pos, freqs).items():
+            if mode not in args.modes:
+                continue
+            fn(q, k, v).backward(d_out)  # compile / autotune outside the timed region
+            with torch.no_grad():
+                fn(q, k, v)
+                fwd = do_bench(lambda: fn(q, k, v))
+            fwd_bwd = do_bench(lambda: fn(q, k, v).backward(d_out), grad_to_none=[q, k, v])
+            times[mode] = fwd, fwd_bwd
+            print(f"| {n} | {grid} | {mode} | {fwd:.3f} | {flops / fwd * 1e-9:.1f} | "
+                  f"{fwd_bwd:.3f} | {3.5 * flops / fwd_bwd * 1e-9:.1f} |", flush=True)
+        if "triton" in times and "sdpa" in times:
+            ratios.append((n, *(t / s for t, s in zip(times["triton"], times["sdpa"]))))
+        del q, k, v, d_out
+        torch.cuda.empty_cache()
+    if ratios:
+        print("\ntime of triton (RoPE fused) / time of sdpa (no RoPE):\n")
+        print("| N | fwd | fwd+bwd |\n|---|---|---|")
+        for n, fwd, fwd_bwd in ratios:
+            print(f"| {n} | {fwd:.2f}x | {fwd_bwd:.2f}x |")
+
+
+def check() -> bool:
+    """Kernel vs rope_attention_reference on a tiny ragged case with kv_len < N, fwd + grads."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not triton.knobs.runtime.interpret:
+        print("--check without a GPU needs the Triton interpreter: TRITON_INTERPRET=1 python bench_attention.py --check")
+        return False
+    dtype, tol = (torch.bfloat16, 3e-2) if device == "cuda" else (torch.float32, 1e-4)
+    torch.manual_seed(0)
+    B, H, D, (T, Hg, Wg) = 2, 2, 64, (2, 3, 5)
+    pos = torch.cat([video_positions(T, Hg, Wg), reference_positions(T, Hg, Wg, "tass")]).to(device)
+    N, freqs = pos.shape[0], rope_frequencies(D).to(device)
+    kv_len = torch.tensor([N, T * Hg * Wg], device=device)  # sample 1 hides the reference frame
+    q, k, v = (torch.randn(B, H, N, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    d_out = torch.randn(B, H, N, D, device=device, dtype=dtype)
+
+    def run(fn):
+        out = fn(q, k, v, pos, freqs, kv_len)
+        return out, *torch.autograd.grad(out, (q, k, v), d_out)
+
+    ok = True
+    for name, got, want in zip(("out", "dq", "dk", "dv"), run(rope_attention), run(rope_attention_reference)):
+        err = (got.float() - want.float()).abs().max().item()
+        ok &= err <= tol * max(1.0, want.float().abs().max().item())
+        print(f"{name}: max |kernel - reference| = {err:.2e}")
+    print(f"check {'passed' if ok else 'FAILED'} (N={N}, D={D}, kv_len={kv_len.tolist()}, {dtype}, {device})")
+    return ok
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, nargs="+", default=list(GRIDS), help="sequence lengths N")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--dim", type=int, default=128, choices=(32, 64, 128), help="head dim D")
+    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--check", action="store_true",
+                        help="only run a tiny correctness check (works on CPU with TRITON_INTERPRET=1)")
+    args = parser.parse_args()
+    if args.check:
+        return 0 if check() else 1
+    if not torch.cuda.is_available():
+        print("bench_attention.py needs a CUDA GPU (no CUDA device found); "
+              "use `TRITON_INTERPRET=1 python bench_attention.py --check` for a CPU smoke test.")
+        return 1
+    bench(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

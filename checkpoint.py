@@ -1,0 +1,129 @@
+"""The pipeline (VAE + text encoder + DiT) and its checkpoints.
+
+A checkpoint is a folder: `model.safetensors` (weights, keys prefixed `vae.`, `text.`, `dit.`;
+EMA weights when training kept them), `config.json` (every config, so the folder rebuilds the
+pipeline by itself) and, for training, `state.pt` (raw weights, optimizer, step, RNG).
+Folders are written under a temporary name and renamed into place, so a crash never leaves
+a half-written checkpoint; a run folder's `latest` file names its newest checkpoint.
+"""
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from model import DiT, DiTConfig, config_from
+from text import TextConfig, TextEncoder
+from vae import VAE_CONFIGS, VAEConfig, VideoVAE
+
+# Pixel size and frame count each preset is built for (the DiT preset of the same name).
+PRESETS = {
+    "tiny": {"size": 32, "frames": 9, "vae": "tiny", "text": TextConfig(dim=64, depth=1, heads=2)},
+    "small": {"size": 64, "frames": 17, "vae": "small", "text": TextConfig(dim=128, depth=2, heads=4)},
+}
+
+
+@dataclass
+class Pipeline:
+    vae: VideoVAE
+    text: TextEncoder
+    dit: DiT
+    size: int
+    frames: int
+    fps: float = 8.0
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"vae": self.vae, "text": self.text, "dit": self.dit}
+
+    def config(self) -> dict:
+        return {"vae": asdict(self.vae.config), "text": asdict(self.text.config), "dit": asdict(self.dit.cfg),
+                "size": self.size, "frames": self.frames, "fps": self.fps}
+
+    def to(self, device) -> "Pipeline":
+        for m in self.modules().values():
+            m.to(device)
+        return self
+
+
+def _dataclass(cls, d: dict):
+    known = {f.name for f in fields(cls)}
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known})
+
+
+def build_pipeline(preset: str, **dit_overrides) -> Pipeline:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown config {preset!r}; choose one of {sorted(PRESETS)}")
+    p = PRESETS[preset]
+    text = TextEncoder(p["text"])
+    dit = DiT(config_from(preset, text_dim=text.config.dim, **dit_overrides))
+    return Pipeline(VideoVAE(VAE_CONFIGS[p["vae"]]), text, dit, p["size"], p["frames"])
+
+
+def pipeline_from_config(cfg: dict) -> Pipeline:
+    return Pipeline(VideoVAE(_dataclass(VAEConfig, cfg["vae"])), TextEncoder(_dataclass(TextConfig, cfg["text"])),
+                    DiT(_dataclass(DiTConfig, cfg["dit"])), cfg["size"], cfg["frames"], cfg.get("fps", 8.0))
+
+
+def state_dict(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    return {f"{name}.{k}": v.detach().contiguous() for name, m in modules.items() for k, v in m.state_dict().items()}
+
+
+def load_state(modules: dict[str, nn.Module], weights: dict[str, torch.Tensor], strict: bool = True) -> None:
+    for name, m in modules.items():
+        part = {k[len(name) + 1:]: v for k, v in weights.items() if k.startswith(name + ".")}
+        if not part and not strict:
+            continue
+        missing, unexpected = m.load_state_dict(part, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"checkpoint does not fit the {name} module: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def save(folder: str | os.PathLike, pipe: Pipeline, weights: dict[str, torch.Tensor] | None = None,
+         state: dict | None = None, extra: dict | None = None) -> Path:
+    """Write a checkpoint folder atomically (temp folder + rename)."""
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(weights if weights is not None else state_dict(pipe.modules()), str(tmp / "model.safetensors"))
+    (tmp / "config.json").write_text(json.dumps({**pipe.config(), **(extra or {})}, indent=2))
+    if state is not None:
+        torch.save(state, tmp / "state.pt")
+    old = folder.with_name(f".{folder.name}.old{os.getpid()}")
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def write_latest(run: str | os.PathLike, name: str) -> None:
+    run = Path(run)
+    tmp = run / f".latest.tmp{os.getpid()}"
+    tmp.write_text(name + "\n")
+    os.replace(tmp, run / "latest")
+
+
+def resolve(path: str | os.PathLike) -> Path:
+    """A checkpoint folder, or a run folder (its `latest` checkpoint)."""
+    path = Path(path)
+    if (path / "latest").is_file():
+        path = path / (path / "latest").read_text().strip()
+    if not (path / "model.safetensors").is_file() or not (path / "config.json").is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}: expected model.safetensors and config.json "
+                                f"(a folder written by train.py, or a run folder with a `latest` file)")
+    return path
+
+
+def load(path: str | os.PathLike, device="cpu") -> tuple[Pipeline, dict]:
+    """Rebuild the pipeline a checkpoint folder describes and load its weights."""
+    path = resolve(path)
+    cfg = json.loads((path / "config.json").read_text())
+    pipe = pipeline_from_config(cfg)
+    weights = load_file(str(path / "model.safetensors"))
+    load_state(pipe.modules(), {k: v.float() for k, v in weights.items()})
+    return pipe.to(device), cfg

@@ -1,0 +1,249 @@
+"""Data: the synthetic world as batches, a JSONL manifest of real videos, reference
+augmentation (paper Sec. 3.3), and media I/O (images, videos, contact sheets).
+
+Pixels are float tensors in [-1, 1], videos [B, 3, F, H, W], images [B, 3, H, W].
+Video files: mp4/webm/mov/mkv/avi through PyAV (FFmpeg's decoders; hand-written decoding
+would be neither correct nor fast); GIF/WebP/PNG-frame folders through Pillow.
+"""
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+AV_SUFFIXES = {".mp4", ".webm", ".mov", ".mkv", ".avi"}
+PIL_SUFFIXES = {".gif", ".webp"}
+FRAME_SUFFIXES = {".png", ".jpg", ".jpeg"}
+
+
+# ----------------------------------------------------------------------------- pixels
+
+def to_tensor(frames: np.ndarray) -> torch.Tensor:
+    """uint8 [..., H, W, 3] -> float [..., 3, H, W] in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(frames)).movedim(-1, -3).float() / 127.5 - 1
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """float [..., 3, H, W] in [-1, 1] -> uint8 [..., H, W, 3]."""
+    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().movedim(-3, -1).cpu().numpy()
+
+
+def resize_center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
+    """[N, 3, H, W] -> [N, 3, size, size]: shortest side to `size`, then the centre square."""
+    h, w = x.shape[-2:]
+    s = size / min(h, w)
+    nh, nw = max(size, round(h * s)), max(size, round(w * s))
+    x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return x[..., top:top + size, left:left + size]
+
+
+def load_image(path: str | os.PathLike, size: int) -> torch.Tensor:
+    """An image file -> [3, size, size] in [-1, 1], with an error that says what to do."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"reference image not found: {path} (pass an existing PNG/JPEG with --ref)")
+    try:
+        with Image.open(path) as im:
+            rgb = np.asarray(im.convert("RGB"))
+    except Exception as e:  # Pillow raises several types for unreadable files
+        raise ValueError(f"cannot read {path} as an image ({e}); pass a PNG or JPEG file") from None
+    return resize_center_crop(to_tensor(rgb)[None], size)[0]
+
+
+# ----------------------------------------------------------------------------- reading video
+
+def read_frames(path: str | os.PathLike) -> tuple[np.ndarray, float]:
+    """All frames of a video file or a folder of frames -> (uint8 [F, H, W, 3], fps)."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in FRAME_SUFFIXES)
+        if not files:
+            raise ValueError(f"no PNG/JPEG frames in {path}")
+        return np.stack([np.asarray(Image.open(p).convert("RGB")) for p in files]), 24.0
+    suffix = path.suffix.lower()
+    if suffix in AV_SUFFIXES:
+        import av  # the `video` extra
+
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            fps = float(stream.average_rate or 24)
+            frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+        if not frames:
+            raise ValueError(f"no frames decoded from {path}")
+        return np.stack(frames), fps
+    if suffix in PIL_SUFFIXES:
+        with Image.open(path) as im:
+            n = getattr(im, "n_frames", 1)
+            frames, durations = [], []
+            for k in range(n):
+                im.seek(k)
+                frames.append(np.asarray(im.convert("RGB")))
+                durations.append(im.info.get("duration", 40) or 40)
+        return np.stack(frames), 1000.0 / float(np.mean(durations))
+    raise ValueError(f"unsupported video type {suffix!r} for {path}; use mp4/webm/mov/mkv/avi, gif/webp or a folder of frames")
+
+
+def frame_indices(n_src: int, src_fps: float, n_out: int, fps: float, start: float = 0.0) -> list[int]:
+    """Indices of n_out source frames sampled at `fps` starting at time `start` (seconds)."""
+    span = (n_out - 1) / fps
+    duration = (n_src - 1) / src_fps
+    if span > duration + 1e-9:
+        raise ValueError(f"clip too short: {n_src} frames at {src_fps:.2f} fps, need {span:.2f} s at {fps} fps")
+    times = start + np.arange(n_out) / fps
+    return np.minimum(np.round(times * src_fps).astype(int), n_src - 1).tolist()
+
+
+class ManifestDataset(torch.utils.data.Dataset):
+    """Real clips from a JSONL manifest: {"video", "caption", "reference"?, "faces"?} per line.
+
+    `frames` must be 1 + tau k (the VAE's valid counts); `faces` is an .npz written by
+    `faces.py landmarks` with `landmarks` [F_src, 5, 2] in source pixels and `present` [F_src].
+    An unreadable or too-short entry yields None; `collate` drops it and counts it.
+    """
+
+    def __init__(self, manifest: str | os.PathLike, frames: int, size: int, fps: float = 24.0, train: bool = True, seed: int = 0):
+        manifest = Path(manifest)
+        if not manifest.is_file():
+            raise FileNotFoundError(f"manifest not found: {manifest} (a JSONL file, one {{\"video\", \"caption\"}} object a line)")
+        root = manifest.parent
+        self.items = []
+        for n, line in enumerate(manifest.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            item = json.loads(line)
+            if "video" not in item or "caption" not in item:
+                raise ValueError(f"{manifest}:{n}: each line needs \"video\" and \"caption\"")
+            for key in ("video", "reference", "faces"):
+                if key in item and not os.path.isabs(item[key]):
+                    item[key] = str(root / item[key])
+            self.items.append(item)
+        if not self.items:
+            raise ValueError(f"manifest {manifest} lists no clips")
+        self.frames, self.size, self.fps, self.train, self.seed = frames, size, fps, train, seed
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, k: int):
+        item = self.items[k]
+        rng = np.random.default_rng((self.seed, k)) if not self.train else np.random.default_rng()
+        try:
+            src, src_fps = read_frames(item["video"])
+            duration = (len(src) - 1) / src_fps - (self.frames - 1) / self.fps
+            start = rng.uniform(0, max(duration, 0.0)) if self.train else 0.0
+            idx = frame_indices(len(src), src_fps, self.frames, self.fps, start)
+            h, w = src.shape[1:3]
+            video = resize_center_crop(to_tensor(src[idx]), self.size)  # [F, 3, S, S]
+            if "reference" in item:
+                ref = load_image(item["reference"], self.size)
+            else:  # in-clip reference: a frame outside the sampled ones when possible
+                ref = resize_center_crop(to_tensor(src[rng.integers(len(src))])[None], self.size)[0]
+            out = {"video": video.transpose(0, 1), "ref": ref, "prompt": item["caption"]}
+            if "faces" in item:
+                faces = np.load(item["faces"])
+                out["landmarks"] = crop_landmarks(torch.from_numpy(faces["landmarks"][idx]).float(), h, w, self.size)
+                out["face_present"] = torch.from_numpy(faces["present"][idx]).bool()
+            return out
+        except Exception as e:  # a broken file must never stop an epoch
+            return {"error": f"{item['video']}: {e}"}
+
+
+def crop_landmarks(lm: torch.Tensor, h: int, w: int, size: int) -> torch.Tensor:
+    """Map source-pixel landmarks through resize_center_crop's resize and crop."""
+    s = size / min(h, w)
+    nh, nw = max(size, round(h * s)), max(size, round(w * s))
+    offset = torch.tensor([(nw - size) // 2, (nh - size) // 2], dtype=lm.dtype)
+    return lm * torch.tensor([nw / w, nh / h], dtype=lm.dtype) - offset
+
+
+def collate(items: list[dict]) -> dict:
+    """Stack the readable items; report how many were skipped and why (first reason)."""
+    good = [it for it in items if "error" not in it]
+    errors = [it["error"] for it in items if "error" in it]
+    batch = {"skipped": len(errors), "errors": errors}
+    if good:
+        for key in good[0]:
+            vals = [it[key] for it in good]
+            batch[key] = vals if isinstance(vals[0], str) else torch.stack(vals)
+    return batch
+
+
+# ----------------------------------------------------------------------------- reference augmentation
+
+def augment_reference(x: torch.Tensor, generator: torch.Generator | None = None, flip_p: float = 0.5,
+                      max_rot_deg: float = 10.0, min_crop: float = 0.85, jitter: float = 0.1) -> torch.Tensor:
+    """Reference augmentation (Sec. 3.3): random horizontal flip, rotation up to max_rot_deg,
+    crop to a fraction >= min_crop of the side (resized back), brightness/contrast/saturation
+    jitter. x [B, 3, H, W] in [-1, 1]; one affine warp per image, vectorised."""
+    B = x.shape[0]
+    u = torch.rand(B, 7, generator=generator).to(x.device, x.dtype)
+    flip = torch.where(u[:, 0] < flip_p, -1.0, 1.0).to(x)
+    angle = (2 * u[:, 1] - 1) * math.radians(max_rot_deg)
+    scale = min_crop + (1 - min_crop) * u[:, 2]  # zoom into a crop of side `scale`
+    free = 1 - scale  # the crop may sit anywhere inside the frame
+    tx, ty = (2 * u[:, 3] - 1) * free, (2 * u[:, 4] - 1) * free
+    cos, sin = angle.cos() * scale, angle.sin() * scale
+    theta = torch.stack([torch.stack([cos * flip, -sin, tx], -1), torch.stack([sin * flip, cos, ty], -1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    # colour jitter: brightness and contrast on luma, saturation towards grey
+    bright = 1 + jitter * (2 * u[:, 5] - 1)
+    sat = 1 + jitter * (2 * u[:, 6] - 1)
+    img = (x + 1) / 2 * bright[:, None, None, None]
+    grey = img.mean(1, keepdim=True)
+    img = grey + sat[:, None, None, None] * (img - grey)
+    return (img.clamp(0, 1) * 2 - 1)
+
+
+# ----------------------------------------------------------------------------- writing
+
+def save_video(path: str | os.PathLike, video: torch.Tensor, fps: float = 8.0) -> None:
+    """video [3, F, H, W] in [-1, 1] -> .mp4 (PyAV, H.264) or .gif/.webp (Pillow)."""
+    path = Path(path)
+    frames = to_uint8(video.transpose(0, 1))  # [F, H, W, 3]
+    suffix = path.suffix.lower()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if suffix in PIL_SUFFIXES:
+        ims = [Image.fromarray(f) for f in frames]
+        ims[0].save(path, save_all=True, append_images=ims[1:], duration=round(1000 / fps), loop=0, lossless=True)
+    elif suffix in AV_SUFFIXES:
+        import av
+
+        h, w = frames.shape[1:3]
+        with av.open(str(path), mode="w") as container:
+            stream = container.add_stream("libx264" if suffix != ".webm" else "libvpx-vp9", rate=round(fps))
+            stream.width, stream.height = w + w % 2, h + h % 2
+            stream.pix_fmt = "yuv420p"
+            stream.options = {"crf": "12"} if suffix != ".webm" else {}
+            for f in frames:
+                f = np.pad(f, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+            container.mux(stream.encode())
+    else:
+        raise ValueError(f"unknown video type {suffix!r}: use .mp4, .webm, .gif or .webp")
+
+
+def contact_sheet(rows: list[tuple[torch.Tensor, torch.Tensor, str]], scale: int = 2, max_frames: int = 9) -> Image.Image:
+    """One row per (reference [3, S, S], video [3, F, S, S], caption): reference | frames."""
+    cells = []
+    for ref, video, caption in rows:
+        F_ = video.shape[1]
+        pick = np.linspace(0, F_ - 1, min(F_, max_frames)).round().astype(int)
+        images = [ref] + [video[:, k] for k in pick]
+        cells.append((np.concatenate([to_uint8(im) for im in images], axis=1), caption))
+    S = rows[0][0].shape[-1]
+    pad = 14
+    widths = max(c.shape[1] for c, _ in cells) * scale
+    sheet = Image.new("RGB", (widths, len(cells) * (S * scale + pad)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r, (strip, caption) in enumerate(cells):
+        y = r * (S * scale + pad)
+        draw.text((2, y + 1), caption, fill="black")
+        im = Image.fromarray(strip).resize((strip.shape[1] * scale, strip.shape[0] * scale), Image.NEAREST)
+        sheet.paste(im, (0, y + pad))
+    return sheet

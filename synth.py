@@ -1,0 +1,860 @@
+"""A synthetic identity-video world: procedural cartoon people who act out a text prompt.
+
+Why: identity-preserving text-to-video needs (reference face, prompt, video) triples where the
+identity is known exactly, the motion and the scene come only from the text, and held-out
+identities exist. This module renders such triples from a seed, on CPU or GPU, in pure torch.
+
+IDENTITY (`identity_params`, deterministic per integer id) is mostly geometry and texture:
+face width, jaw taper, chin length, eye spacing/height/size/shape/tilt, brow angle/thickness/
+length/height, nose length/width, mouth height/width/lip thickness, ear size, one of six hair
+styles (HAIR_STYLES, soft masks), facial hair (none/moustache/beard), marks (mole, freckles,
+scar at id-specific places), plus skin tone, hair and iris colour. Per-clip lighting and colour
+cast only scale colours by a few tens of percent, so geometry carries the identity.
+Splits: train ids are range(0, n_train_ids) with n_train_ids <= TEST_ID_START = 100_000; test
+ids are range(TEST_ID_START, TEST_ID_START + n_test_ids). They never overlap.
+
+NUISANCE (per clip or per frame): head yaw (features slide on a head-shaped surface and are
+foreshortened; the far ear hides), pitch (features move vertically, nose most), roll (rotation),
+face position and scale, expression (mouth open, smile, blink), directional light, brightness,
+colour cast, shirt colour, and the background scene's own layout (horizon, trees, buildings...).
+
+TEXT is the only source of motion and scene: ACTIONS (8) and SCENES (7) are named in a prompt
+built from TEMPLATES by `make_prompt`; `parse_prompt` inverts it. Directions are in image space:
+"turns to the left" = the face turns towards the image's left edge (nose ends left of the eyes'
+midpoint), "moves across the frame" = from the image's left to its right.
+
+COORDINATES: normalised image coords x, y in [-1, 1] (y down); pixel i has its centre at
+(i + 0.5) / S * 2 - 1. Landmarks and boxes are in pixel units with pixel centres at integers
+(OpenCV/InsightFace convention). Landmark order is ArcFace's: image-left eye, image-right eye,
+nose tip, image-left mouth corner, image-right mouth corner. Boxes are [x0, y0, x1, y1] of the
+face oval (forehead to chin, without hair and ears).
+
+RANDOMNESS: every random number is drawn on the CPU from one torch.Generator, in a fixed order,
+then moved to the device; so a seed gives the same world on any device (up to float rounding).
+
+SPEED (measured on this repo's 2-core shared CPU, torch 2.13, float32): batch 16 x 17 frames at
+64x64 renders at ~10 clips/s (cross-clip references included); at 32x32 about 4x faster.
+
+CLI: `python synth.py --sheet assets/world_sheet.png` writes a contact sheet (see --help).
+"""
+import argparse
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+ACTIONS = (
+    "turns to the left",
+    "turns to the right",
+    "nods",
+    "talks",
+    "moves across the frame",
+    "approaches the camera",
+    "blinks",
+    "smiles",
+)
+SCENES = ("beach", "forest", "city", "snow", "night", "desert", "room")
+SCENE_PHRASES = ("on the beach", "in the forest", "in the city", "in the snow", "at night", "in the desert", "in a room")
+TEMPLATES = (
+    "a person {action} {where}",
+    "{scene}: someone {action}",
+    "a video {where} of a person who {action}",
+    "someone {action}, {scene} background",
+)
+HAIR_STYLES = ("bald", "short", "long", "fringe", "spiky", "curly")
+FACIAL_HAIR = ("none", "moustache", "beard")
+TEST_ID_START = 100_000
+LANDMARK_NAMES = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
+
+# Palettes (RGB in [0, 1]). Skin is interpolated along the list; the others are picked.
+SKIN = torch.tensor([[0.99, 0.86, 0.75], [0.95, 0.77, 0.62], [0.85, 0.63, 0.47], [0.67, 0.46, 0.32], [0.47, 0.31, 0.21]])
+HAIR = torch.tensor([[0.08, 0.06, 0.05], [0.30, 0.18, 0.10], [0.55, 0.36, 0.18], [0.92, 0.78, 0.45], [0.72, 0.28, 0.10], [0.78, 0.78, 0.80]])
+IRIS = torch.tensor([[0.35, 0.20, 0.08], [0.20, 0.45, 0.80], [0.25, 0.55, 0.30], [0.10, 0.08, 0.06], [0.50, 0.55, 0.60]])
+WALLS = torch.tensor([[0.55, 0.72, 0.70], [0.70, 0.64, 0.82], [0.90, 0.72, 0.74], [0.62, 0.70, 0.85]])
+EYE_WHITE = torch.tensor([0.97, 0.97, 0.95])
+INK = torch.tensor([0.10, 0.07, 0.06])
+
+N_ID_UNIFORMS = 64  # uniforms drawn per identity; parameters consume them in a fixed order
+MAX_YAW = 0.75      # radians reached by "turns to the left/right"
+
+
+# ----------------------------------------------------------------------------- prompts
+
+def make_prompt(action: int, scene: int, template: int = 0) -> str:
+    """Prompt naming ACTIONS[action] and SCENES[scene] with TEMPLATES[template]."""
+    return TEMPLATES[template].format(action=ACTIONS[action], scene=SCENES[scene], where=SCENE_PHRASES[scene])
+
+
+def _unique_match(prompt: str, phrases: tuple[str, ...]) -> int:
+    hits = [i for i, p in enumerate(phrases) if re.search(rf"\b{re.escape(p)}\b", prompt)]
+    return hits[0] if len(hits) == 1 else -1
+
+
+def parse_prompt(prompt: str) -> tuple[int, int]:
+    """(action index, scene index) named in a prompt; -1 for one that is missing or ambiguous."""
+    prompt = prompt.lower()
+    return _unique_match(prompt, ACTIONS), _unique_match(prompt, SCENES)
+
+
+# ----------------------------------------------------------------------------- randomness
+
+def _generator(seed: int | None, generator: torch.Generator | None) -> torch.Generator:
+    if generator is not None:
+        return generator
+    if seed is None:
+        seed = int(torch.randint(2**62, ()))
+    return torch.Generator().manual_seed(seed)
+
+
+def _uniform(g: torch.Generator, shape, lo=0.0, hi=1.0) -> torch.Tensor:
+    """CPU uniforms in [lo, hi) (moved to a device by the caller)."""
+    return lo + (hi - lo) * torch.rand(shape, generator=g)
+
+
+# ----------------------------------------------------------------------------- identities
+
+def _identity_uniforms(ids: torch.Tensor) -> torch.Tensor:
+    """[B, N_ID_UNIFORMS]: each row from a generator seeded by its id alone."""
+    rows = [torch.rand(N_ID_UNIFORMS, generator=torch.Generator().manual_seed(7919 * int(i) + 17)) for i in ids.tolist()]
+    return torch.stack(rows) if rows else torch.zeros(0, N_ID_UNIFORMS)
+
+
+def _skin_tone(t: torch.Tensor) -> torch.Tensor:
+    """Piecewise-linear walk along SKIN, t in [0, 1] -> [B, 3]."""
+    pos = t * (len(SKIN) - 1)
+    lo = pos.floor().long().clamp(max=len(SKIN) - 2)
+    return torch.lerp(SKIN[lo], SKIN[lo + 1], (pos - lo)[:, None])
+
+
+def identity_params(ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Face parameters of integer identities, [B] (colours [B, 3], freckles [B, 6, 2]); CPU tensors.
+
+    Face-local units: the face oval's upper half-height is 1, x right, y down, origin at its
+    centre. Deterministic per id: the same id gives the same face in any batch.
+    """
+    cols = iter(_identity_uniforms(torch.as_tensor(ids).reshape(-1)).T)
+
+    def draw(lo, hi):
+        return lo + (hi - lo) * next(cols)
+
+    def pick(n):
+        return (next(cols) * n).long().clamp(max=n - 1)
+
+    p = {}
+    p["face_w"] = draw(0.66, 0.90)       # half-width of the face oval
+    p["jaw"] = draw(0.40, 1.00)          # chin taper: 1 round, small pointed
+    p["chin"] = draw(0.95, 1.20)         # lower half-height of the oval
+    p["eye_dx"] = draw(0.25, 0.40)       # half the distance between the eyes
+    p["eye_y"] = draw(-0.22, -0.02)
+    p["eye_w"] = draw(0.12, 0.20)
+    p["eye_h"] = p["eye_w"] * draw(0.45, 0.85)
+    p["eye_tilt"] = draw(-0.30, 0.30)
+    p["iris"] = IRIS[pick(len(IRIS))]
+    p["brow_gap"] = draw(0.07, 0.18)     # from the eye's top to the brow
+    p["brow_len"] = draw(0.11, 0.20)     # half-length
+    p["brow_angle"] = draw(-0.40, 0.40)  # > 0: outer end up (stern), < 0: inner end up (worried)
+    p["brow_thick"] = draw(0.025, 0.060)
+    p["nose_len"] = draw(0.18, 0.36)     # eye line -> nose tip
+    p["nose_w"] = draw(0.06, 0.13)
+    p["mouth_gap"] = draw(0.14, 0.28)    # nose tip -> mouth
+    p["mouth_w"] = draw(0.16, 0.32)      # half-width
+    p["lip"] = draw(0.022, 0.050)
+    p["skin"] = _skin_tone(next(cols))
+    p["hair_style"] = pick(len(HAIR_STYLES))
+    p["hair"] = (HAIR[pick(len(HAIR))] * draw(0.85, 1.15)[:, None]).clamp(0, 1)
+    p["hairline"] = draw(-0.78, -0.50)
+    p["hair_volume"] = draw(0.0, 1.0)
+    p["hair_part"] = draw(-1.0, 1.0)
+    p["facial_hair"] = torch.bucketize(next(cols).contiguous(), torch.tensor([0.65, 0.82]))  # 65% none, 17% each
+    p["ear"] = draw(0.10, 0.16)
+    p["mole"] = (next(cols) < 0.4).float()
+    p["mole_xy"] = torch.stack([draw(-0.6, 0.6), draw(-0.05, 0.45)], -1)
+    p["freckles"] = (next(cols) < 0.25).float()
+    p["freckle_xy"] = torch.stack([torch.stack([draw(-0.55, 0.55), draw(-0.06, 0.10)], -1) for _ in range(6)], 1)
+    p["scar"] = (next(cols) < 0.25).float()
+    p["scar_xy"] = torch.stack([draw(-0.55, 0.55), draw(-0.45, 0.35)], -1)
+    p["scar_angle"] = draw(-1.3, 1.3)
+    p["nose_y"] = p["eye_y"] + p["nose_len"]
+    p["mouth_y"] = p["nose_y"] + p["mouth_gap"]
+    return p
+
+
+# ----------------------------------------------------------------------------- nuisance / actions
+
+def _smoothstep(t: torch.Tensor) -> torch.Tensor:
+    return t * t * (3 - 2 * t)
+
+
+def _static_state(n: int, g: torch.Generator, wide: bool) -> dict[str, torch.Tensor]:
+    """Per-clip nuisance [n] (colours [n, 3]); `wide` draws the broad pose/expression range
+    used for reference photos and face crops, otherwise the mild start pose of a clip."""
+    k = 1.0 if wide else 0.25
+    st = {
+        "cx": _uniform(g, n, -0.15, 0.15),
+        "cy": _uniform(g, n, -0.12, 0.05),
+        "scale": _uniform(g, n, 0.36, 0.46) if not wide else _uniform(g, n, 0.32, 0.52),
+        "yaw": _uniform(g, n, -0.6 * k, 0.6 * k),
+        "pitch": _uniform(g, n, -0.3 * k, 0.3 * k),
+        "roll": _uniform(g, n, -0.3 * k, 0.3 * k),
+        "open": _uniform(g, n, 0.0, 0.6) * (torch.rand(n, generator=g) < 0.5 * k),
+        "smile": _uniform(g, n, -0.2, 0.9 if wide else 0.3),
+        "blink": _uniform(g, n, 0.0, 1.0) * (torch.rand(n, generator=g) < 0.15 * k),
+        "light": _uniform(g, n, -1.0, 1.0),
+        "bright": _uniform(g, n, 0.82, 1.12),
+        "cast": _uniform(g, (n, 3), 0.90, 1.10),
+        "shirt": _uniform(g, (n, 3), 0.10, 0.90),
+    }
+    return st
+
+
+PER_FRAME = ("cx", "cy", "scale", "yaw", "pitch", "roll", "open", "smile", "blink")
+
+
+def _act(st: dict[str, torch.Tensor], actions: torch.Tensor, frames: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """Turn per-clip start values into [n, frames] trajectories acting out ACTIONS[actions]."""
+    n = len(actions)
+    t = torch.linspace(0, 1, frames)[None].expand(n, frames)
+    e = _smoothstep(t)
+    out = {k: (v[:, None].expand(n, frames).clone() if k in PER_FRAME else v) for k, v in st.items()}
+    phase = _uniform(g, (n, 1), 0.0, 1.0)
+    amp = _uniform(g, (n, 1), 0.7, 1.0)
+
+    def where(i, key, value):
+        out[key] = torch.where((actions == i)[:, None], value, out[key])
+
+    yaw0 = out["yaw"]
+    where(0, "yaw", yaw0 + (-MAX_YAW - yaw0) * e)
+    where(1, "yaw", yaw0 + (MAX_YAW - yaw0) * e)
+    where(2, "pitch", out["pitch"] + 0.32 * amp * torch.sin(2 * math.pi * 2 * t))
+    where(3, "open", amp * torch.sin(math.pi * (3.5 * t + phase)).abs())
+    where(4, "cx", -0.5 + t)
+    where(5, "scale", out["scale"] * torch.exp(math.log(0.7) + math.log(1.35 / 0.7) * e))
+    where(5, "cy", out["cy"] + 0.15 * e)
+    f = torch.arange(frames)[None].float()
+    centres = ((phase * 0.1 + torch.tensor([[0.2, 0.55, 0.85]])) * (frames - 1)).round()  # [n, 3] frames
+    blink = torch.exp(-((f[:, :, None] - centres[:, None, :]) / 0.7) ** 2).sum(-1).clamp(max=1)
+    where(6, "blink", blink)
+    where(7, "smile", out["smile"] + (1 - out["smile"]) * e)
+    where(7, "open", 0.3 * e)
+    where(7, "blink", 0.3 * e)  # eyes narrow in a smile
+    return out
+
+
+# ----------------------------------------------------------------------------- backgrounds
+
+def _grid(size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixel-centre coordinates X, Y [S, S] in [-1, 1] (y down)."""
+    c = (torch.arange(size, device=device, dtype=torch.float32) + 0.5) / size * 2 - 1
+    Y, X = torch.meshgrid(c, c, indexing="ij")
+    return X, Y
+
+
+def _col(rgb, device) -> torch.Tensor:
+    return torch.as_tensor(rgb, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+
+
+def _noise(g, n: int, cells: int, size: int, device) -> torch.Tensor:
+    """Smooth value noise [n, 1, S, S] in about [0, 1]."""
+    r = torch.rand(n, 1, cells, cells, generator=g).to(device)
+    return F.interpolate(r, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
+
+
+def _step(d: torch.Tensor, size: int) -> torch.Tensor:
+    """Antialiased 0 -> 1 as d crosses 0 upwards (d in normalised units)."""
+    return torch.sigmoid(d * size)
+
+
+def _u(g, n, lo, hi, device) -> torch.Tensor:
+    return _uniform(g, (n, 1, 1, 1), lo, hi).to(device)
+
+
+def _beach(n, X, Y, g, size, dev):
+    hz = _u(g, n, -0.40, -0.10, dev)
+    shore = hz + _u(g, n, 0.30, 0.50, dev) + 0.04 * torch.sin(5 * X + _u(g, n, 0, 6.3, dev))
+    sky = torch.lerp(_col([0.45, 0.70, 0.95], dev), _col([0.85, 0.93, 0.99], dev), ((Y + 1) / (hz + 1)).clamp(0, 1))
+    waves = torch.sin(45 * Y + 2 * torch.sin(7 * X + _u(g, n, 0, 6.3, dev)))
+    sea = _col([0.10, 0.42, 0.68], dev) * (1 + 0.15 * waves)
+    sand = _col([0.94, 0.83, 0.58], dev) * (0.9 + 0.15 * _noise(g, n, size // 3, size, dev))
+    img = torch.lerp(sky, sea, _step(Y - hz, size))
+    img = torch.lerp(img, sand, _step(Y - shore, size))
+    foam = torch.exp(-((Y - shore + 0.02) * 30) ** 2)
+    return torch.lerp(img, _col([1, 1, 1], dev), 0.7 * foam)
+
+
+def _forest(n, X, Y, g, size, dev):
+    leaves = _noise(g, n, 7, size, dev)
+    img = _col([0.12, 0.38, 0.14], dev) * (0.6 + 0.7 * leaves)
+    img = torch.lerp(img, _col([0.55, 0.75, 0.55], dev), 0.5 * _step(leaves - 0.75, 20))  # light gaps
+    tx, tw = _uniform(g, (n, 5, 1, 1), -1.0, 1.0).to(dev), _uniform(g, (n, 5, 1, 1), 0.04, 0.11).to(dev)
+    trunks = _step(tw - (X - tx).abs(), size).amax(1, keepdim=True)
+    bark = _col([0.36, 0.23, 0.12], dev) * (0.85 + 0.2 * torch.sin(60 * X + 3 * Y))
+    img = torch.lerp(img, bark, trunks)
+    ground = _u(g, n, 0.45, 0.75, dev) + 0.05 * torch.sin(4 * X)
+    moss = _col([0.28, 0.40, 0.12], dev) * (0.8 + 0.3 * _noise(g, n, size // 4, size, dev))
+    return torch.lerp(img, moss, _step(Y - ground, size))
+
+
+def _city(n, X, Y, g, size, dev):
+    sky = torch.lerp(_col([0.62, 0.68, 0.78], dev), _col([0.85, 0.86, 0.88], dev), (Y + 1) / 2)
+    off = _u(g, n, 0.0, 0.4, dev)
+    block = ((X + 1 + off) / 2.4 * 5).floor().long().clamp(0, 5)  # [n, 1, S, S]
+    rows = torch.arange(n, device=dev).view(n, 1, 1, 1)
+    tops = _uniform(g, (n, 6), -0.85, -0.05).to(dev)[rows, block]
+    shade = _uniform(g, (n, 6), 0.35, 0.65).to(dev)[rows, block]
+    building = _step(Y - tops, size)
+    windows = _step(torch.sin(math.pi * 9 * X) - 0.2, 8) * _step(torch.sin(math.pi * 11 * Y) - 0.1, 8)
+    lit = _step(_noise(g, n, 9, size, dev) - 0.55, 20)
+    window_col = torch.lerp(_col([0.20, 0.25, 0.35], dev), _col([0.98, 0.86, 0.45], dev), lit)
+    facade = torch.lerp(shade.expand(n, 3, size, size) * _col([1.0, 1.0, 1.05], dev), window_col, windows)
+    img = torch.lerp(sky, facade, building)
+    return torch.lerp(img, _col([0.25, 0.25, 0.27], dev), _step(Y - 0.8, size))
+
+
+def _snow(n, X, Y, g, size, dev):
+    sky = torch.lerp(_col([0.70, 0.78, 0.88], dev), _col([0.90, 0.93, 0.97], dev), (Y + 1) / 2)
+    ridge = _u(g, n, -0.3, 0.0, dev) - 0.35 * (1 - (2 * torch.frac((X + _u(g, n, 0, 1, dev)) * 1.3) - 1).abs())
+    img = torch.lerp(sky, _col([0.80, 0.85, 0.93], dev), _step(Y - ridge, size))
+    ground = _u(g, n, 0.15, 0.4, dev) + 0.06 * torch.sin(3 * X + _u(g, n, 0, 6.3, dev))
+    snowfield = _col([0.97, 0.98, 1.0], dev) * (0.9 + 0.1 * _noise(g, n, 6, size, dev))
+    img = torch.lerp(img, snowfield, _step(Y - ground, size))
+    flakes = (torch.rand(n, 1, size, size, generator=g) > 0.96).float().to(dev)
+    return torch.lerp(img, _col([1, 1, 1], dev), flakes)
+
+
+def _night(n, X, Y, g, size, dev):
+    img = torch.lerp(_col([0.02, 0.03, 0.12], dev), _col([0.10, 0.12, 0.30], dev), (Y + 1) / 2)
+    stars = (torch.rand(n, 1, size, size, generator=g) > 0.975).float().to(dev) * _step(0.2 - Y, size)
+    img = torch.lerp(img, _col([1.0, 1.0, 0.85], dev), stars * 0.9)
+    mx, my = _u(g, n, -0.8, 0.8, dev), _u(g, n, -0.8, -0.5, dev)
+    moon = _step(0.15 - torch.hypot(X - mx, Y - my), size)
+    img = torch.lerp(img, _col([0.96, 0.94, 0.78], dev), moon)
+    hills = 0.55 + 0.1 * torch.sin(3 * X + _u(g, n, 0, 6.3, dev))
+    return torch.lerp(img, _col([0.02, 0.03, 0.06], dev), _step(Y - hills, size))
+
+
+def _desert(n, X, Y, g, size, dev):
+    img = torch.lerp(_col([0.95, 0.68, 0.40], dev), _col([0.99, 0.88, 0.66], dev), ((Y + 1) / 1.2).clamp(0, 1))
+    sx, sy = _u(g, n, -0.8, 0.8, dev), _u(g, n, -0.8, -0.4, dev)
+    img = torch.lerp(img, _col([1.0, 0.96, 0.75], dev), _step(0.18 - torch.hypot(X - sx, Y - sy), size))
+    for k, (lo, hi, rgb) in enumerate([(-0.2, 0.1, [0.88, 0.62, 0.34]), (0.25, 0.55, [0.78, 0.50, 0.26])]):
+        crest = _u(g, n, lo, hi, dev) + 0.12 * torch.sin((2 + k) * X + _u(g, n, 0, 6.3, dev))
+        ripples = 1 + 0.06 * torch.sin(50 * (Y - 0.3 * X))
+        img = torch.lerp(img, _col(rgb, dev) * ripples, _step(Y - crest, size))
+    return img
+
+
+def _room(n, X, Y, g, size, dev):
+    wall = WALLS[(torch.rand(n, generator=g) * len(WALLS)).long()].to(dev).view(n, 3, 1, 1)
+    img = wall * (0.92 + 0.08 * torch.sin(math.pi * 14 * X))
+    fx, fy = _u(g, n, -0.7, 0.7, dev), _u(g, n, -0.7, -0.3, dev)
+    frame = _step(0.25 - torch.maximum((X - fx).abs(), (Y - fy).abs() * 1.3), size)
+    inner = _step(0.19 - torch.maximum((X - fx).abs(), (Y - fy).abs() * 1.3), size)
+    art = _uniform(g, (n, 3), 0.2, 0.9).to(dev).view(n, 3, 1, 1) * (0.7 + 0.5 * _noise(g, n, 3, size, dev))
+    img = torch.lerp(img, _col([0.35, 0.22, 0.10], dev), frame)
+    img = torch.lerp(img, art, inner)
+    floor = _u(g, n, 0.45, 0.7, dev)
+    planks = _col([0.52, 0.34, 0.18], dev) * (0.85 + 0.15 * torch.sin(math.pi * 16 * Y).abs())
+    return torch.lerp(img, planks, _step(Y - floor, size))
+
+
+SCENE_PAINTERS = (_beach, _forest, _city, _snow, _night, _desert, _room)
+
+
+def render_backgrounds(scenes: torch.Tensor, size: int, g: torch.Generator, device="cpu") -> torch.Tensor:
+    """Procedural background of each SCENES[scenes] with a random layout: [B, 3, S, S] in [0, 1]."""
+    X, Y = _grid(size, device)
+    out = torch.zeros(len(scenes), 3, size, size, device=device)
+    for k, paint in enumerate(SCENE_PAINTERS):
+        idx = (scenes == k).nonzero().flatten()
+        if len(idx):
+            out[idx.to(device)] = paint(len(idx), X, Y, g, size, device).clamp(0, 1)
+    return out
+
+
+# ----------------------------------------------------------------------------- face geometry
+
+def _ellipse(x, y, a, b):
+    """Approximate signed distance to the ellipse (x/a)^2 + (y/b)^2 = 1 (f / |grad f|)."""
+    f = (x / a) ** 2 + (y / b) ** 2 - 1
+    return f / (2 * torch.sqrt((x / a**2) ** 2 + (y / b**2) ** 2) + 1e-6)
+
+
+def _segment(x, y, x0, y0, x1, y1):
+    """Distance to the segment (x0, y0)-(x1, y1) and the position h in [0, 1] along it."""
+    px, py, dx, dy = x - x0, y - y0, x1 - x0, y1 - y0
+    h = ((px * dx + py * dy) / (dx * dx + dy * dy + 1e-8)).clamp(0, 1)
+    return torch.hypot(px - h * dx, py - h * dy), h
+
+
+def _box(x, y, hx, hy):
+    """Signed distance to the axis-aligned box |x| < hx, |y| < hy."""
+    qx, qy = x.abs() - hx, y.abs() - hy
+    return torch.hypot(qx.clamp(min=0), qy.clamp(min=0)) + torch.maximum(qx, qy).clamp(max=0)
+
+
+def _soft(d, eps):
+    """Coverage from a signed distance (negative inside), antialiased over about 2 eps."""
+    return torch.sigmoid(-d / eps)
+
+
+def _px(t: torch.Tensor) -> torch.Tensor:
+    """[B, F] -> [B, F, 1, 1] to broadcast against pixel maps."""
+    return t[..., None, None]
+
+
+def _id(t: torch.Tensor) -> torch.Tensor:
+    """Identity scalar [B] -> [B, 1] to broadcast against [B, F] pose tensors."""
+    return t[:, None]
+
+
+@dataclass
+class _View:
+    """Face-local coordinates U, V of every pixel of every frame [B, F, S, S], antialias width
+    eps [B, F, 1, 1] (face-local units), and the frame's yaw, pitch [B, F]."""
+    U: torch.Tensor
+    V: torch.Tensor
+    eps: torch.Tensor
+    yaw: torch.Tensor
+    pitch: torch.Tensor
+
+
+def _view(st: dict[str, torch.Tensor], size: int, device) -> _View:
+    X, Y = _grid(size, device)
+    cx, cy, s, r = (_px(st[k]) for k in ("cx", "cy", "scale", "roll"))
+    dx, dy = X - cx, Y - cy
+    U = (dx * torch.cos(r) + dy * torch.sin(r)) / s
+    V = (-dx * torch.sin(r) + dy * torch.cos(r)) / s
+    return _View(U, V, 1.0 / (size * s), st["yaw"], st["pitch"])
+
+
+def _place(W, x, y, pop, yaw, pitch):
+    """Where the frontal face point (x, y), raised `pop` towards the camera, appears after
+    yaw then pitch: (u, v) face-local, horizontal foreshortening, depth (< 0: turned away).
+
+    The face is the front of an ellipsoid of half-width W, half-height 1.15 and depth W, so
+    points near the middle slide most when the head turns and the nose (large pop) slides
+    further than the eyes.
+    """
+    xn = (x / W).clamp(-0.99, 0.99)
+    nz = torch.sqrt(1 - xn**2)
+    z = W * torch.sqrt((1 - xn**2 - (y / 1.15) ** 2).clamp(min=0)) + pop
+    cy, sy, cp, sp = torch.cos(yaw), torch.sin(yaw), torch.cos(pitch), torch.sin(pitch)
+    u = x * cy + z * sy
+    z1 = -x * sy + z * cy
+    v = y * cp + z1 * sp
+    depth = z1 * cp - y * sp
+    squash = ((-xn * sy + nz * cy).clamp(min=0.15) / nz.clamp(min=0.15)).clamp(max=1.3)
+    return u, v, squash, depth
+
+
+def _local(view: _View, u, v, squash):
+    """Pixel coordinates relative to a placed feature, un-foreshortened: [B, F, S, S] each."""
+    return (view.U - _px(u)) / _px(squash), view.V - _px(v)
+
+
+def _rgb(c: torch.Tensor) -> torch.Tensor:
+    """Colour [B, 3] -> [B, 3, 1, 1, 1] (broadcasts against a [B, 3, F, S, S] canvas)."""
+    return c[:, :, None, None, None]
+
+
+def _shade(m: torch.Tensor) -> torch.Tensor:
+    """Brightness map [B, F, S, S] -> [B, 1, F, S, S]."""
+    return m[:, None]
+
+
+# Each painter returns a list of (coverage [B, F, S, S], colour broadcastable to [B, 3, F, S, S]).
+
+def _body(p, st, size, device):
+    X, Y = _grid(size, device)
+    s = _px(st["scale"])
+    bu, bv = (X - _px(st["cx"])) / s, (Y - _px(st["cy"])) / s
+    eps = 1.0 / (size * s)
+    shirt = _soft(_ellipse(bu, bv - 2.45, 1.75, 1.05), eps)
+    neck = _soft(_box(bu, bv - 0.95, 0.30 * _px(_id(p["face_w"])), 0.65), eps)
+    shirt_col = _rgb(st["shirt"]) * _shade(0.85 + 0.15 * torch.cos(bu.clamp(-3, 3)))
+    return [(shirt, shirt_col), (neck, _rgb(p["skin"]) * 0.78)]
+
+
+def _face_oval(view, p):
+    """Signed distance to the face outline: upper half ellipse, lower half tapering to the chin."""
+    W, jaw, chin = (_px(_id(p[k])) for k in ("face_w", "jaw", "chin"))
+    lower = (view.V / chin).clamp(0, 1)
+    w = W * (1 - (1 - jaw) * lower**2)
+    h = torch.where(view.V > 0, chin, torch.ones_like(chin))
+    return _ellipse(view.U, view.V, w, h)
+
+
+def _skin(view, p, st):
+    W = _px(_id(p["face_w"]))
+    rim = (view.U / W) ** 2 + (view.V / 1.1) ** 2
+    shade = 1 + 0.16 * _px(_id(st["light"])) * (view.U / W).clamp(-1.2, 1.2) - 0.14 * rim.clamp(max=1.3)
+    return [(_soft(_face_oval(view, p), view.eps), _rgb(p["skin"]) * _shade(shade))]
+
+
+def _hair_masks(view, p, st):
+    """(back, front) hair coverage for each style, mixed by the identity's style one-hot."""
+    U, V, eps = view.U, view.V, view.eps
+    W, vol, part, hl0 = (_px(_id(p[k])) for k in ("face_w", "hair_volume", "hair_part", "hairline"))
+    Uf = U - 0.6 * W * _px(torch.sin(view.yaw))  # the forehead slides with the head
+    r = torch.sqrt((U / W) ** 2 + (V + 0.05) ** 2)
+    theta = torch.atan2(U / W, -(V + 0.05))       # 0 at the crown
+    skull = _soft(_ellipse(U, V + 0.03, W * 1.08, 1.09), eps)
+
+    def below(line):  # coverage of V < line
+        return _soft(V - line, eps)
+
+    hairline = (hl0 + 0.65 * (Uf / W) ** 2 + 0.12 * part * Uf / W).clamp(max=0.1)
+    cap = skull * below(hairline)
+    brow_top = _px(_id(p["eye_y"] - p["eye_h"] - p["brow_gap"])) - 0.10
+    fringe_line = (brow_top + 0.035 * torch.sin(45 * Uf) + 0.5 * (Uf / W) ** 2).clamp(max=0.2)
+    fringe = skull * below(fringe_line)
+    spikes = 1.07 + (0.18 + 0.22 * vol) * (1 - (2 * torch.frac(theta * 1.7 + 0.5) - 1).abs()) * (theta.abs() < 1.8)
+    spiky = _soft(r - spikes, eps) * below(hairline)
+    curls = _soft(r - 1.12 - 0.05 * torch.cos(14 * theta), eps) * below(hairline + 0.03 * torch.cos(30 * Uf))
+    horseshoe = skull * _soft(0.75 * W - U.abs(), eps) * _soft(_box(U * 0, V + 0.2, 1, 0.25), eps)
+    long = _soft(torch.minimum(_ellipse(U, V, W * 1.15, 1.12),
+                               _box(U, V - 0.4 - 0.3 * vol, W * (1.15 + 0.1 * vol), 0.4 + 0.3 * vol)), eps)
+    bob = _soft(torch.minimum(_ellipse(U, V, W * 1.12, 1.1), _box(U, V - 0.2, W * 1.12, 0.2 + 0.2 * vol)), eps)
+    afro_r = torch.sqrt((U / (W + 0.45 + 0.25 * vol)) ** 2 + ((V + 0.3) / (1.15 + 0.2 * vol)) ** 2)
+    afro = _soft((afro_r - 1 - 0.04 * torch.cos(12 * theta)) * 1.2, eps)
+    zero = torch.zeros_like(U)
+    backs = torch.stack([zero, zero, long, bob, zero, afro], 0)
+    fronts = torch.stack([horseshoe, cap, cap, fringe, spiky, curls], 0)
+    onehot = F.one_hot(p["hair_style"], len(HAIR_STYLES)).T.float()[:, :, None, None, None]  # [6, B, 1, 1, 1]
+    return (backs * onehot).sum(0), (fronts * onehot).sum(0)
+
+
+def _hair_colour(view, p, st):
+    W = _px(_id(p["face_w"]))
+    strands = 0.92 + 0.08 * torch.sin(28 * view.U + 9 * view.V)
+    return _rgb(p["hair"]) * _shade(strands * (1 + 0.15 * _px(_id(st["light"])) * (view.U / W).clamp(-1.5, 1.5)))
+
+
+def _ears(view, p, st):
+    """(behind-face layers, in-front layers): a turned-away ear hides, a near ear slides onto the cheek."""
+    W, ear = _id(p["face_w"]), _id(p["ear"])
+    behind, front = [], []
+    for side in (-1.0, 1.0):
+        u, v, _, depth = _place(W, side * 0.97 * W, _id(p["eye_y"]) + 0.13, 0.12 * W, view.yaw, view.pitch)
+        facing = (-side * torch.sin(view.yaw)).clamp(0, 1)  # how much the ear faces the camera
+        du, dv = view.U - _px(u), view.V - _px(v)
+        a = _px(ear * (0.55 + 0.45 * facing))
+        shape = _soft(_ellipse(du, dv, a, _px(ear) * 1.5), view.eps) * _px(torch.sigmoid(depth / 0.04))
+        inner = _soft(_ellipse(du, dv, a * 0.5, _px(ear) * 0.9), view.eps) * shape
+        in_front = _px(torch.sigmoid((facing - 0.3) / 0.08))
+        for where, w in ((behind, 1 - in_front), (front, in_front)):
+            where += [(shape * w, _rgb(p["skin"]) * 0.88), (inner * w, _rgb(p["skin"]) * 0.7)]
+    return behind, front
+
+
+def _dot(view, W, x, y, radius, yaw, pitch):
+    u, v, sq, depth = _place(W, x, y, 0.0, yaw, pitch)
+    du, dv = _local(view, u, v, sq)
+    return _soft(torch.hypot(du, dv) - radius, view.eps) * _px(torch.sigmoid(depth / 0.04))
+
+
+def _marks(view, p, st):
+    W = _id(p["face_w"])
+    layers = []
+    mole = _dot(view, W, W * _id(p["mole_xy"][:, 0]), _id(p["mole_xy"][:, 1]), 0.04, view.yaw, view.pitch)
+    layers.append((mole * _px(_id(p["mole"])), _rgb(torch.tensor([[0.28, 0.16, 0.10]], device=W.device))))
+    freckle_col = _rgb(p["skin"]) * 0.72
+    for k in range(p["freckle_xy"].shape[1]):
+        x, y = W * _id(p["freckle_xy"][:, k, 0]), _id(p["nose_y"] + p["freckle_xy"][:, k, 1])
+        layers.append((_dot(view, W, x, y, 0.032, view.yaw, view.pitch) * 0.8 * _px(_id(p["freckles"])), freckle_col))
+    u, v, sq, depth = _place(W, W * _id(p["scar_xy"][:, 0]), _id(p["scar_xy"][:, 1]), 0.0, view.yaw, view.pitch)
+    du, dv = _local(view, u, v, sq)
+    ca, sa = (_px(_id(f(p["scar_angle"]))) for f in (torch.cos, torch.sin))
+    dist, _ = _segment(du, dv, -0.14 * ca, -0.14 * sa, 0.14 * ca, 0.14 * sa)
+    scar = _soft(dist - 0.028, view.eps) * _px(torch.sigmoid(depth / 0.04) * _id(p["scar"]))
+    layers.append((scar, _rgb(p["skin"]) * torch.tensor([1.0, 0.6, 0.6], device=W.device).view(1, 3, 1, 1, 1)))
+    return layers
+
+
+def _mouth_frame(view, p, st):
+    """Mouth centre placement and its curved centre line: returns (u, v, squash, du, w, half_width, curve)."""
+    W = _id(p["face_w"])
+    u, v, sq, _ = _place(W, torch.zeros_like(W), _id(p["mouth_y"]), 0.03, view.yaw, view.pitch)
+    du, dv = _local(view, u, v, sq)
+    M = _px(_id(p["mouth_w"]))
+    curve = 0.10 * _px(st["smile"])
+    w = dv - curve * (0.35 - (du / M) ** 2)  # smiling lifts the corners
+    return u, v, sq, du, w, M, curve
+
+
+def _beard(view, p, st):
+    _, _, _, du, w, M, _ = _mouth_frame(view, p, st)
+    W = _px(_id(p["face_w"]))
+    beard = _soft(_face_oval(view, p), view.eps) * _soft(-(w + 0.10 + 0.35 * (du / W) ** 2), view.eps)
+    texture = 0.9 + 0.1 * torch.sin(40 * view.U) * torch.sin(40 * view.V)
+    on = _px(_id((p["facial_hair"] == 2).float()))
+    return [(beard * 0.92 * on, _rgb(p["hair"]) * _shade(texture))]
+
+
+def _moustache(view, p, st):
+    _, _, _, du, w, M, _ = _mouth_frame(view, p, st)
+    lip = _px(_id(p["lip"]))
+    dist = torch.hypot((du.abs() - 0.9 * M).clamp(min=0), w + lip + 0.06 - 0.05 * (du / M) ** 2)
+    on = _px(_id((p["facial_hair"] == 1).float()))
+    return [(_soft(dist - 0.04, view.eps) * on, _rgb(p["hair"]))]
+
+
+def _mouth(view, p, st):
+    _, _, _, du, w, M, _ = _mouth_frame(view, p, st)
+    opening = 0.012 + 0.17 * _px(st["open"])
+    lips = _soft(_ellipse(du, w, M, _px(_id(p["lip"])) + opening), view.eps)
+    inside = _soft(_ellipse(du, w, M * 0.9, opening), view.eps)
+    teeth = inside * _soft(w + 0.4 * opening, view.eps) * (1.5 * _px(st["smile"]) - 0.3).clamp(0, 1)
+    lip_col = _rgb(p["skin"]) * torch.tensor([0.85, 0.50, 0.50], device=w.device).view(1, 3, 1, 1, 1)
+    dark = torch.tensor([[0.25, 0.05, 0.06]], device=w.device)
+    return [(lips, lip_col), (inside, _rgb(dark)), (teeth, _rgb(torch.tensor([[0.96, 0.95, 0.90]], device=w.device)))]
+
+
+def _nose(view, p, st):
+    W, nose_w = _id(p["face_w"]), _id(p["nose_w"])
+    pop = 0.22 + 0.4 * _id(p["nose_len"])
+    u, v, sq, _ = _place(W, torch.zeros_like(W), _id(p["nose_y"]), pop, view.yaw, view.pitch)
+    du, dv = _local(view, u, v, sq)
+    nw = _px(nose_w)
+    tip = _soft(_ellipse(du, dv + 0.01, nw, nw * 0.6), view.eps) * 0.5
+    nostrils = sum(_soft(_ellipse(du - s * 0.55 * nw, dv - 0.015, 0.32 * nw, 0.2 * nw + 0.01), view.eps) for s in (-1, 1))
+    ub, vb, _, _ = _place(W, torch.zeros_like(W), _id(p["eye_y"]) + 0.06, 0.08, view.yaw, view.pitch)
+    side = torch.where(_id(st["light"]) >= 0, -1.0, 1.0)  # shadow on the side away from the light
+    x1, y1 = u + sq * side * nose_w * 0.8, v - nose_w * 0.4
+    bridge, _ = _segment(view.U, view.V, _px(ub), _px(vb), _px(x1), _px(y1))
+    return [(tip, _rgb(p["skin"]) * 0.75), (_soft(bridge - 0.02, view.eps) * 0.55, _rgb(p["skin"]) * 0.68),
+            (nostrils.clamp(max=1) * 0.85, _rgb(p["skin"]) * 0.35)]
+
+
+def _eye_frame(view, p, side):
+    W = _id(p["face_w"])
+    u, v, sq, depth = _place(W, side * _id(p["eye_dx"]), _id(p["eye_y"]), -0.03, view.yaw, view.pitch)
+    du, dv = _local(view, u, v, sq)
+    return u, v, du, dv, _px(torch.sigmoid(depth / 0.04))
+
+
+def _eyes(view, p, st):
+    layers = []
+    a, b0 = _px(_id(p["eye_w"])), _px(_id(p["eye_h"]))
+    b = b0 * (1 - 0.92 * _px(st["blink"])) + 0.004
+    for side in (-1.0, 1.0):
+        _, _, du, dv, visible = _eye_frame(view, p, side)
+        t = _px(_id(side * p["eye_tilt"]))
+        eu, ev = du * torch.cos(t) + dv * torch.sin(t), -du * torch.sin(t) + dv * torch.cos(t)
+        white = _soft(_ellipse(eu, ev, a, b), view.eps) * visible
+        outline = _soft(_ellipse(eu, ev, a + 0.03, b + 0.035), view.eps) * visible
+        iris = _soft(torch.hypot(du, dv) - 0.8 * b0, view.eps) * white
+        pupil = _soft(torch.hypot(du, dv) - 0.38 * b0, view.eps) * white
+        layers += [(outline, _rgb(INK.to(a.device)[None])), (white, _rgb(EYE_WHITE.to(a.device)[None])),
+                   (iris, _rgb(p["iris"])), (pupil, _rgb(INK.to(a.device)[None]))]
+    return layers
+
+
+def _brows(view, p, st):
+    layers = []
+    W = _id(p["face_w"])
+    L, ang, th = (_px(_id(p[k])) for k in ("brow_len", "brow_angle", "brow_thick"))
+    for side in (-1.0, 1.0):
+        y = _id(p["eye_y"] - p["eye_h"] - p["brow_gap"])
+        u, v, sq, depth = _place(W, side * _id(p["eye_dx"]), y, 0.04, view.yaw, view.pitch)
+        du, dv = _local(view, u, v, sq)
+        ox, oy = side * L * torch.cos(ang), -L * torch.sin(ang)  # outer end; inner end mirrored through the centre
+        dist, h = _segment(du, dv, -ox, -oy, ox, oy)
+        brow = _soft(dist - th * (1 - 0.45 * h), view.eps) * _px(torch.sigmoid(depth / 0.04))
+        layers.append((brow, _rgb(p["hair"] * 0.8)))
+    return layers
+
+
+def render(identity: dict[str, torch.Tensor], state: dict[str, torch.Tensor], background: torch.Tensor) -> torch.Tensor:
+    """Render faces over backgrounds: [B, 3, F, S, S] in [-1, 1] on background's device.
+
+    identity: `identity_params` output; state: per-frame pose/expression [B, F] (PER_FRAME keys)
+    and per-clip light, bright [B], cast, shirt [B, 3]; background [B, 3, S, S] in [0, 1].
+    """
+    device, size = background.device, background.shape[-1]
+    p = {k: v.to(device) for k, v in identity.items()}
+    st = {k: v.to(device) for k, v in state.items()}
+    view = _view(st, size, device)
+    B, Fr = st["yaw"].shape
+    canvas = background[:, :, None].expand(B, 3, Fr, size, size)
+    hair_back, hair_front = _hair_masks(view, p, st)
+    hair_col = _hair_colour(view, p, st)
+    ears_behind, ears_front = _ears(view, p, st)
+    layers = [*_body(p, st, size, device), (hair_back, hair_col), *ears_behind, *_skin(view, p, st), *ears_front,
+              *_marks(view, p, st), *_beard(view, p, st), *_nose(view, p, st), *_mouth(view, p, st),
+              *_moustache(view, p, st), *_eyes(view, p, st), *_brows(view, p, st), (hair_front, hair_col)]
+    for alpha, colour in layers:
+        canvas = canvas + alpha[:, None] * (colour - canvas)
+    light = _rgb(st["cast"] * st["bright"][:, None])
+    return (canvas * light).clamp(0, 1) * 2 - 1
+
+
+def _to_pixels(u, v, st, size):
+    """Face-local points (u, v) [B, F, K] -> pixel coordinates [B, F, K, 2]."""
+    roll, s, cx, cy = (st[k][..., None] for k in ("roll", "scale", "cx", "cy"))
+    x = cx + s * (u * torch.cos(roll) - v * torch.sin(roll))
+    y = cy + s * (u * torch.sin(roll) + v * torch.cos(roll))
+    return torch.stack([(x + 1) / 2 * size - 0.5, (y + 1) / 2 * size - 0.5], -1)
+
+
+def landmarks_and_boxes(identity: dict[str, torch.Tensor], state: dict[str, torch.Tensor], size: int):
+    """Ground truth of `render`: 5 landmarks [B, F, 5, 2] (ArcFace order) and face boxes [B, F, 4]
+    in pixels, computed from the same placements the painters use."""
+    p, st = identity, {k: v.to(identity["face_w"].device) for k, v in state.items()}
+    W, yaw, pitch = _id(p["face_w"]), st["yaw"], st["pitch"]
+    zero = torch.zeros_like(W)
+    eyes = [_place(W, side * _id(p["eye_dx"]), _id(p["eye_y"]), -0.03, yaw, pitch) for side in (-1.0, 1.0)]
+    nose = _place(W, zero, _id(p["nose_y"]), 0.22 + 0.4 * _id(p["nose_len"]), yaw, pitch)
+    mu, mv, msq, _ = _place(W, zero, _id(p["mouth_y"]), 0.03, yaw, pitch)
+    corner_v = mv - 0.65 * 0.10 * st["smile"]  # where the curved centre line of `_mouth` meets du = +-M
+    us = [eyes[0][0], eyes[1][0], nose[0], mu - msq * _id(p["mouth_w"]), mu + msq * _id(p["mouth_w"])]
+    vs = [eyes[0][1], eyes[1][1], nose[1], corner_v, corner_v]
+    marks = _to_pixels(torch.stack(us, -1), torch.stack(vs, -1), st, size)
+    B, Fr = yaw.shape
+    cu = torch.stack([-W, W, -W, W], -1).expand(B, Fr, 4)
+    cv = torch.stack([-torch.ones_like(W), -torch.ones_like(W), _id(p["chin"]), _id(p["chin"])], -1).expand(B, Fr, 4)
+    corners = _to_pixels(cu, cv, st, size)
+    boxes = torch.cat([corners.amin(2), corners.amax(2)], -1)
+    return marks, boxes
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def _shoot(ids, state, scenes, size, g, device):
+    """Render identities `ids` in `state` over fresh backgrounds: (video, landmarks, boxes)."""
+    identity = identity_params(ids)
+    video = render(identity, state, render_backgrounds(scenes, size, g, device))
+    marks, boxes = landmarks_and_boxes(identity, state, size)
+    return video, marks.to(device), boxes.to(device)
+
+
+def _still(st: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A one-frame state from per-clip values."""
+    return {k: (v[:, None] if k in PER_FRAME else v) for k, v in st.items()}
+
+
+class SynthWorld:
+    """The world's identity splits and its clip sampler.
+
+    train ids: range(0, n_train_ids); test ids: range(TEST_ID_START, TEST_ID_START + n_test_ids).
+    """
+
+    def __init__(self, n_train_ids: int = TEST_ID_START, n_test_ids: int = 1000):
+        if not 0 < n_train_ids <= TEST_ID_START:
+            raise ValueError(f"n_train_ids must be in 1..{TEST_ID_START} so train and test ids stay disjoint")
+        self.n_train_ids, self.n_test_ids = n_train_ids, n_test_ids
+
+    def ids(self, split: str) -> range:
+        if split == "train":
+            return range(0, self.n_train_ids)
+        if split == "test":
+            return range(TEST_ID_START, TEST_ID_START + self.n_test_ids)
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+
+    def sample(self, batch: int, split: str = "train", frames: int = 17, size: int = 64, ref: str = "cross",
+               seed: int | None = None, generator: torch.Generator | None = None, device="cpu") -> dict:
+        """A batch of clips, each one identity acting out its prompt.
+
+        Returns video [B, 3, F, S, S] and ref [B, 3, S, S] in [-1, 1]; prompt list[str];
+        identity, action, scene, ref_scene, ref_frame [B] long; landmarks [B, F, 5, 2],
+        boxes [B, F, 4], ref_landmarks [B, 5, 2] in pixels. ref="cross": the same identity
+        in another pose, expression, light, position and scene (ref_scene != scene,
+        ref_frame = -1); ref="in_clip": frame ref_frame of the clip itself (ref_scene = scene).
+        Same seed (or generator state) -> identical tensors.
+        """
+        if ref not in ("cross", "in_clip"):
+            raise ValueError(f"ref must be 'cross' or 'in_clip', got {ref!r}")
+        g = _generator(seed, generator)
+        pool = self.ids(split)
+        ids = pool.start + torch.randint(len(pool), (batch,), generator=g)
+        action = torch.randint(len(ACTIONS), (batch,), generator=g)
+        scene = torch.randint(len(SCENES), (batch,), generator=g)
+        template = torch.randint(len(TEMPLATES), (batch,), generator=g)
+        state = _act(_static_state(batch, g, wide=False), action, frames, g)
+        video, marks, boxes = _shoot(ids, state, scene, size, g, device)
+        if ref == "in_clip":
+            ref_frame = torch.randint(frames, (batch,), generator=g)
+            rows = torch.arange(batch)
+            ref_img = video[rows.to(device), :, ref_frame.to(device)]
+            ref_marks, ref_scene = marks[rows.to(device), ref_frame.to(device)], scene
+        else:
+            ref_frame = torch.full((batch,), -1)
+            ref_scene = (scene + torch.randint(1, len(SCENES), (batch,), generator=g)) % len(SCENES)
+            ref_video, ref_marks, _ = _shoot(ids, _still(_static_state(batch, g, wide=True)), ref_scene, size, g, device)
+            ref_img, ref_marks = ref_video[:, :, 0], ref_marks[:, 0]
+        return {
+            "video": video, "ref": ref_img, "landmarks": marks, "boxes": boxes, "ref_landmarks": ref_marks,
+            "prompt": [make_prompt(a, s, t) for a, s, t in zip(action.tolist(), scene.tolist(), template.tolist())],
+            **{k: v.to(device) for k, v in dict(identity=ids, action=action, scene=scene, ref_scene=ref_scene,
+                                                 ref_frame=ref_frame).items()},
+        }
+
+
+def sample_faces(ids, n_per_id: int = 1, size: int = 64, seed: int | None = None,
+                 generator: torch.Generator | None = None, device="cpu") -> dict:
+    """Single face images of the given identities, each under random pose, expression, light,
+    position and scene (for training or testing a face embedder). Row order: ids repeated
+    n_per_id times each (id0, id0, ..., id1, ...). Returns image [N, 3, S, S] in [-1, 1],
+    landmarks [N, 5, 2], boxes [N, 4], identity [N], scene [N]."""
+    g = _generator(seed, generator)
+    ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1).repeat_interleave(n_per_id)
+    scene = torch.randint(len(SCENES), (len(ids),), generator=g)
+    video, marks, boxes = _shoot(ids, _still(_static_state(len(ids), g, wide=True)), scene, size, g, device)
+    return {"image": video[:, :, 0], "landmarks": marks[:, 0], "boxes": boxes[:, 0],
+            "identity": ids.to(device), "scene": scene.to(device)}
+
+
+# ----------------------------------------------------------------------------- contact sheet
+
+def contact_sheet(batch: dict, columns: int = 6, zoom: int = 2, show_landmarks: bool = False):
+    """PIL image: per clip a caption line, then reference | `columns` evenly spaced frames."""
+    from PIL import Image, ImageDraw
+
+    video, ref = batch["video"].cpu(), batch["ref"].cpu()
+    B, _, Fr, S, _ = video.shape
+    picks = torch.linspace(0, Fr - 1, min(columns, Fr)).round().long()
+    tile, gap, caption = S * zoom, 4, 14
+    sheet = Image.new("RGB", (gap + (len(picks) + 1) * (tile + gap) + gap, B * (caption + tile + gap) + gap), "white")
+    draw = ImageDraw.Draw(sheet)
+
+    def paste(img, marks, x, y):
+        pixels = ((img.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+        sheet.paste(Image.fromarray(pixels).resize((tile, tile), Image.NEAREST), (x, y))
+        if show_landmarks:
+            for k, (px, py) in enumerate(marks.tolist()):
+                cx, cy = x + (px + 0.5) * zoom, y + (py + 0.5) * zoom
+                draw.ellipse([cx - 1.5, cy - 1.5, cx + 1.5, cy + 1.5], fill=("red", "blue", "lime", "magenta", "cyan")[k])
+
+    for b in range(B):
+        y = gap + b * (caption + tile + gap)
+        draw.text((gap, y), f"id {int(batch['identity'][b])} | ref: {SCENES[int(batch['ref_scene'][b])]} | {batch['prompt'][b]}",
+                  fill="black")
+        y += caption
+        paste(ref[b], batch["ref_landmarks"][b].cpu(), gap, y)
+        for j, f in enumerate(picks.tolist()):
+            paste(video[b, :, f], batch["landmarks"][b, f].cpu(), gap + (j + 1) * (tile + gap) + gap, y)
+    return sheet
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Render a contact sheet of the synthetic identity-video world.")
+    ap.add_argument("--sheet", required=True, help="output PNG path (its folder must exist)")
+    ap.add_argument("--seed", type=int, default=0, help="random seed of the batch (same seed -> same sheet)")
+    ap.add_argument("--n", type=int, default=6, help="number of clips, one per row")
+    ap.add_argument("--size", type=int, default=64, help="frame side in pixels")
+    ap.add_argument("--frames", type=int, default=17, help="frames per clip (the sheet shows 6 evenly spaced ones)")
+    ap.add_argument("--split", choices=("train", "test"), default="train", help="identity split to draw from")
+    ap.add_argument("--ref", choices=("cross", "in_clip"), default="cross",
+                    help="reference: another shot of the identity (cross) or a frame of the clip (in_clip)")
+    ap.add_argument("--zoom", type=int, default=2, help="integer upscaling of each tile (nearest neighbour)")
+    ap.add_argument("--landmarks", action="store_true", help="overlay the 5 ground-truth landmarks")
+    args = ap.parse_args(argv)
+    batch = SynthWorld().sample(args.n, args.split, args.frames, args.size, args.ref, seed=args.seed)
+    contact_sheet(batch, zoom=args.zoom, show_landmarks=args.landmarks).save(args.sheet)
+    print(f"wrote {args.sheet}")
+
+
+if __name__ == "__main__":
+    main()

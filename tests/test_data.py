@@ -1,0 +1,107 @@
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+
+
+def moving_square(F_=12, H=40, W=60):
+    """uint8 frames whose square sits at x = 4 * f: the frame index is readable from pixels."""
+    frames = np.zeros((F_, H, W, 3), np.uint8)
+    for f in range(F_):
+        frames[f, 10:20, 4 * f:4 * f + 6] = 255
+    return frames
+
+
+def test_frame_indices_hand_values():
+    # 30 fps source, 5 frames at 10 fps from t = 0: every third source frame
+    assert data.frame_indices(30, 30.0, 5, 10.0) == [0, 3, 6, 9, 12]
+    assert data.frame_indices(30, 30.0, 3, 10.0, start=0.5) == [15, 18, 21]
+    with pytest.raises(ValueError, match="too short"):
+        data.frame_indices(10, 30.0, 5, 10.0)
+
+
+def test_resize_center_crop_takes_centre():
+    x = torch.zeros(1, 3, 40, 80)
+    x[..., 16:64] = 1.0  # covers the centre 40 columns (20..60) and their resampling neighbours
+    out = data.resize_center_crop(x, 20)
+    assert out.shape == (1, 3, 20, 20) and out.min() > 0.99
+
+
+def test_video_roundtrip_formats(tmp_path):
+    video = torch.from_numpy(moving_square()).permute(3, 0, 1, 2).float() / 127.5 - 1  # [3, F, H, W]
+    for suffix in (".gif", ".webp", ".mp4"):
+        path = tmp_path / f"clip{suffix}"
+        data.save_video(path, video, fps=10)
+        frames, fps = data.read_frames(path)
+        assert frames.shape[0] == 12 and abs(fps - 10) < 0.5, suffix
+        # the square's x position survives the codec in every frame
+        xs = [np.argmax(frames[f, 15, :, 0] > 128) for f in range(12)]
+        assert all(abs(x - 4 * f) <= 1 for f, x in enumerate(xs)), (suffix, xs)
+
+
+def test_manifest_dataset_reads_skips_and_maps_landmarks(tmp_path):
+    frames = moving_square(F_=20)
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for f, fr in enumerate(frames):
+        Image.fromarray(fr).save(folder / f"{f:03d}.png")  # a folder of frames is read at 24 fps
+    lm = np.zeros((20, 5, 2), np.float32)
+    lm[:, :, 0] = np.arange(20)[:, None] * 4 + 3  # x in source pixels follows the square
+    lm[:, :, 1] = 15
+    np.savez(tmp_path / "faces.npz", landmarks=lm, present=np.ones(20, bool))
+    (tmp_path / "broken.mp4").write_bytes(b"not a video")
+    lines = [{"video": "frames", "caption": "a square moves", "faces": "faces.npz"},
+             {"video": "broken.mp4", "caption": "x"}]
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(l) for l in lines))
+    ds = data.ManifestDataset(tmp_path / "m.jsonl", frames=5, size=20, fps=12.0, train=False)
+    batch = data.collate([ds[0], ds[1]])
+    assert batch["skipped"] == 1 and "broken.mp4" in batch["errors"][0]
+    assert batch["video"].shape == (1, 3, 5, 20, 20) and batch["prompt"] == ["a square moves"]
+    # 12 fps from a 24 fps folder: source frames 0, 2, 4, 6, 8; resize 40 -> 20 is x / 2, crop offset (30 - 20) / 2 = 5
+    expected_x = (np.array([0, 2, 4, 6, 8]) * 4 + 3) / 2 - 5
+    torch.testing.assert_close(batch["landmarks"][0, :, 0, 0], torch.tensor(expected_x, dtype=torch.float32))
+
+
+def test_manifest_errors_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="manifest not found"):
+        data.ManifestDataset(tmp_path / "missing.jsonl", 5, 32)
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"caption": "no video"}))
+    with pytest.raises(ValueError, match="need"):
+        data.ManifestDataset(tmp_path / "bad.jsonl", 5, 32)
+
+
+def test_load_image_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--ref"):
+        data.load_image(tmp_path / "nope.png", 32)
+    (tmp_path / "junk.png").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="cannot read"):
+        data.load_image(tmp_path / "junk.png", 32)
+
+
+def test_augment_reference_transforms():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(64, 3, 32, 32) * 2 - 1
+    y = data.augment_reference(x, g)
+    assert y.shape == x.shape and y.min() >= -1 and y.max() <= 1
+    assert (y - x).abs().mean() > 0.05  # it changes the image
+    # with every augmentation off it is the identity (up to resampling at the same grid)
+    z = data.augment_reference(x, g, flip_p=0.0, max_rot_deg=0.0, min_crop=1.0, jitter=0.0)
+    torch.testing.assert_close(z, x, atol=1e-5, rtol=0)
+    # flip only: exactly the mirrored image
+    f = data.augment_reference(x, g, flip_p=1.0, max_rot_deg=0.0, min_crop=1.0, jitter=0.0)
+    torch.testing.assert_close(f, x.flip(-1), atol=1e-5, rtol=0)
+    # a rotation of at most 10 degrees moves a corner pixel by at most ~ 16 * sqrt(2) * sin(10 deg) + crop shift
+    dot = torch.full((1, 3, 33, 33), -1.0)
+    dot[..., 16, 28] = 1.0
+    rot = data.augment_reference(dot.repeat(200, 1, 1, 1), g, flip_p=0.0, min_crop=1.0, jitter=0.0)
+    ys, xs = torch.meshgrid(torch.arange(33.0), torch.arange(33.0), indexing="ij")
+    w = (rot[:, 0] + 1).clamp_min(0)
+    cx = (w * xs).sum((1, 2)) / w.sum((1, 2))
+    cy = (w * ys).sum((1, 2)) / w.sum((1, 2))
+    angle = torch.atan2(cy - 16, cx - 16).abs()
+    assert angle.max() <= math.radians(10) + 0.02 and angle.max() > math.radians(5)

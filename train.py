@@ -1,0 +1,374 @@
+"""Train the VAE, the text-to-video base model, or ST-DRC (paper Sec. 3.3).
+
+    python train.py --stage vae --config tiny --out runs/vae
+    python train.py --stage dit --config tiny --init runs/vae --ref none --out runs/base   # text-to-video base
+    python train.py --stage dit --config tiny --init runs/base --out runs/stdrc              # ST-DRC fine-tune
+    torchrun --nproc_per_node 2 train.py ...                                                # DDP (gloo on CPU)
+
+Every flag is a field of TrainConfig (`--help` lists them). Checkpoints: see checkpoint.py;
+`--resume` continues a run folder exactly (weights, EMA, optimizer, step; the data and noise
+of step k are drawn from a generator seeded by (seed, rank, k)).
+"""
+import argparse
+import contextlib
+import copy
+import json
+import os
+import resource
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from tqdm import tqdm
+
+import checkpoint
+import data
+from guidance import dropout_masks, shift_for_tokens, shift_time
+from losses import add_noise, clean_estimate, flow_loss, identity_loss, temporal_identity_loss, total_loss, w_aux
+from text import EMPTY_PROMPT, tokenize
+
+
+def flag(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    stage: str = flag("dit", "vae: train the VAE then compute its latent statistics; dit: train text encoder + DiT")
+    config: str = flag("tiny", "model and world size preset: tiny (CPU tests) or small (the shipped demo)")
+    data: str = flag("synth", "'synth' for the synthetic world, or a JSONL manifest of real videos")
+    out: str = flag("runs/exp", "run folder: checkpoints, metrics.jsonl, sample GIFs")
+    init: str = flag("", "checkpoint to start from (dit stage: a trained VAE or a base model)")
+    resume: bool = flag(False, "continue the run in --out from its latest checkpoint")
+    ref: str = flag("tass", "reference RoPE placement (tass, shared, far, tass_t0) or 'none' for the text-to-video base")
+    steps: int = flag(1000, "optimizer steps")
+    batch: int = flag(8, "clips per process and step")
+    lr: float = flag(5e-5, "AdamW learning rate (paper: 5e-5)")
+    weight_decay: float = flag(0.0, "AdamW weight decay")
+    warmup: int = flag(50, "linear learning-rate warm-up steps")
+    grad_clip: float = flag(1.0, "gradient norm clip (0: off)")
+    ema: float = flag(0.999, "EMA decay of the trained weights (0: off)")
+    p_y: float = flag(0.05, "probability of dropping the text (paper: 0.05)")
+    p_r: float = flag(0.20, "probability of dropping the reference (paper: 0.20)")
+    lambda_id: float = flag(0.1, "weight of L_id (paper: 0.1); needs --face-model")
+    lambda_tic: float = flag(0.05, "weight of L_tic (paper: 0.05); needs --face-model")
+    gamma: float = flag(1.0, "exponent of w_aux(t) = (SNR / (SNR + 1))^gamma")
+    face_model: str = flag("", "face embedder for L_id / L_tic (faces.py); empty: flow loss only")
+    id_frames: int = flag(2, "latent frames decoded for the face loss (from the first)")
+    ref_source: str = flag("cross", "synthetic references: cross (other clip of the identity), in_clip, or mix")
+    augment: bool = flag(True, "reference augmentation (flip, rotation, crop, colour jitter)")
+    fsdp: bool = flag(False, "shard with FSDP2 (fully_shard per block); needs GPUs")
+    bf16: bool = flag(True, "bf16 autocast (GPU only)")
+    grad_checkpoint: bool = flag(False, "activation checkpointing of every DiT block")
+    attn: str = flag("torch", "attention backend: torch or triton")
+    log_every: int = flag(10, "steps between metric lines")
+    save_every: int = flag(500, "steps between checkpoints (and at the end)")
+    sample_every: int = flag(0, "steps between sample GIFs (0: off)")
+    keep: int = flag(2, "checkpoints kept in the run folder")
+    seed: int = flag(0, "seed of weights, data and noise")
+    workers: int = flag(2, "data loader workers for manifest data")
+    fps: float = flag(8.0, "frame rate clips are sampled at (manifest data) and written at")
+    progress: bool = flag(True, "progress bar on rank 0")
+
+
+def parse_args(argv=None) -> TrainConfig:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(TrainConfig):
+        name = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            p.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+        else:
+            p.add_argument(name, type=type(f.default), default=f.default, help=f.metadata["help"] + f" (default: {f.default})")
+    return TrainConfig(**vars(p.parse_args(argv)))
+
+
+# ----------------------------------------------------------------------------- distributed
+
+def setup_distributed(cfg: TrainConfig):
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain python runs as a world of one."""
+    if cfg.fsdp and not torch.cuda.is_available():
+        sys.exit("train.py: --fsdp needs GPUs (none visible); drop --fsdp to train with DDP or on one device")
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        return rank, world, torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return rank, world, torch.device("cpu")
+
+
+def wrap(module: nn.Module, cfg: TrainConfig, world: int, device) -> nn.Module:
+    if cfg.fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for block in module.dit.blocks:
+            fully_shard(block, mp_policy=mp)
+        return fully_shard(module, mp_policy=mp)
+    if world > 1:
+        return nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+    return module
+
+
+# ----------------------------------------------------------------------------- the trained module
+
+class VAETrainer(nn.Module):
+    """The VAE's training losses as a forward (so DDP/FSDP see the VAE)."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, video):
+        return self.vae.loss(video)
+
+
+class Denoiser(nn.Module):
+    """Text encoder + DiT: what the dit stage trains (one module, so DDP/FSDP see both)."""
+
+    def __init__(self, text, dit):
+        super().__init__()
+        self.text, self.dit = text, dit
+
+    def forward(self, tokens, mask, z_t, t, z_ref=None, ref_keep=None):
+        return self.dit(z_t, t, self.text(tokens, mask), mask, z_ref=z_ref, ref_keep=ref_keep)
+
+
+def sample_t(batch: int, mu: float, g: torch.Generator) -> torch.Tensor:
+    """Training times: logit-normal u, shifted like the sampler's schedule (guidance.shift_time)."""
+    return shift_time(torch.sigmoid(torch.randn(batch, generator=g)), mu)
+
+
+def face_terms(cfg, pipe, embedder, z_t, t, v, batch, keep_ref):
+    """L_id and L_tic on the clean estimate (Sec. 3.3): decode the first id_frames latent
+    frames of z^_0 with the frozen VAE, align with the clip's landmarks, embed."""
+    from faces import embed_faces
+
+    z0_hat = clean_estimate(z_t, t, v)[:, :, : cfg.id_frames]
+    x = pipe.vae.decode(z0_hat)  # [B, 3, F', S, S]
+    B, _, Fp = x.shape[:3]
+    e = embed_faces(embedder, x.transpose(1, 2).flatten(0, 1), batch["landmarks"][:, :Fp].flatten(0, 1)).view(B, Fp, -1)
+    with torch.no_grad():
+        e_ref = embed_faces(embedder, batch["ref"], batch["ref_landmarks"])  # the UNaugmented reference
+    m = batch.get("face_present", torch.ones(B, Fp, dtype=torch.bool, device=x.device))[:, :Fp]
+    m = m & keep_ref[:, None]  # no reference, no identity to keep
+    return identity_loss(e, e_ref, m), temporal_identity_loss(e, m)
+
+
+# ----------------------------------------------------------------------------- loop helpers
+
+def peak_memory_gb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+
+
+@torch.no_grad()
+def ema_update(ema: dict[str, torch.Tensor], module: nn.Module, decay: float):
+    for k, p in module.state_dict().items():
+        if p.dtype.is_floating_point:
+            ema[k].lerp_(p.detach().to(ema[k].dtype), 1 - decay)
+
+
+def build(cfg: TrainConfig, device) -> tuple[checkpoint.Pipeline, dict]:
+    """The pipeline: fresh for this preset, or from --init (which must be of the same preset)."""
+    pipe = checkpoint.build_pipeline(cfg.config, ref_mode=None if cfg.ref == "none" else cfg.ref,
+                                     attn_backend=cfg.attn, grad_checkpoint=cfg.grad_checkpoint)
+    meta = {}
+    if cfg.init:
+        src = checkpoint.resolve(cfg.init)
+        meta = json.loads((src / "config.json").read_text())
+        if meta.get("preset") != cfg.config:
+            sys.exit(f"train.py: --init {src} was trained with --config {meta.get('preset')}, not {cfg.config}; "
+                     f"pass --config {meta.get('preset')} or start from a checkpoint of {cfg.config}")
+        weights = checkpoint.load_file(str(src / "model.safetensors"))
+        checkpoint.load_state(pipe.modules(), weights, strict=False)
+    return pipe.to(device), meta
+
+
+def batches(cfg: TrainConfig, pipe, rank: int, world: int, device):
+    """Yields (step_generator, batch) forever; synthetic batches are a pure function of the step."""
+    if cfg.data == "synth":
+        def synth(step):
+            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rank * 7_919 + step)
+            return g, data.synth_batch(cfg.batch, pipe.size, pipe.frames, g, cfg.ref_source, device)
+        return synth
+    dataset = data.ManifestDataset(cfg.data, pipe.frames, pipe.size, cfg.fps, train=True, seed=cfg.seed)
+    sampler = torch.utils.data.DistributedSampler(dataset, world, rank, seed=cfg.seed) if world > 1 else None
+    loader = torch.utils.data.DataLoader(dataset, cfg.batch, sampler=sampler, shuffle=sampler is None,
+                                         num_workers=cfg.workers, collate_fn=data.collate, drop_last=True, persistent_workers=cfg.workers > 0)
+    state = {"it": iter(loader), "epoch": 0, "skipped": 0}
+
+    def manifest(step):
+        while True:
+            try:
+                b = next(state["it"])
+            except StopIteration:
+                state["epoch"] += 1
+                if sampler is not None:
+                    sampler.set_epoch(state["epoch"])
+                state["it"] = iter(loader)
+                continue
+            state["skipped"] += b["skipped"]
+            if "video" in b:
+                break
+        if state["skipped"] and rank == 0 and b["skipped"]:
+            tqdm.write(f"skipped {state['skipped']} unreadable clips so far (last: {b['errors'][0]})")
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rank * 7_919 + step)
+        return g, {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
+    return manifest
+
+
+# ----------------------------------------------------------------------------- stages
+
+def vae_step(model, batch, autocast):
+    with autocast:
+        terms = model(batch["video"])
+    return terms["total"], {k: v.item() for k, v in terms.items()}
+
+
+def dit_step(cfg, pipe, model, embedder, batch, g, autocast):
+    device = batch["video"].device
+    B = batch["video"].shape[0]
+    with torch.no_grad():
+        z_0 = pipe.vae.encode(batch["video"])  # frozen VAE
+        ref_in = data.augment_reference(batch["ref"], g) if cfg.augment else batch["ref"]
+        z_ref = pipe.vae.encode(ref_in)[:, :, 0] if cfg.ref != "none" else None
+    keep_y, keep_r = dropout_masks(B, cfg.p_y, cfg.p_r, g)  # Sec. 3.4, independent dropout
+    prompts = [p if k else EMPTY_PROMPT for p, k in zip(batch["prompt"], keep_y.tolist())]
+    tokens, mask = tokenize(prompts, pipe.text.config.max_len)
+    T, H, W = z_0.shape[2:]
+    t = sample_t(B, shift_for_tokens(T * H * W), g).to(device)
+    eps = torch.randn(z_0.shape, generator=g).to(device)
+    z_t = add_noise(z_0, eps, t)
+    keep_r = keep_r.to(device)
+    with autocast:
+        v = model(tokens.to(device), mask.to(device), z_t, t, z_ref=z_ref, ref_keep=keep_r if z_ref is not None else None)
+    l_flow = flow_loss(v, z_0, eps)
+    logs = {"l_flow": l_flow.mean().item(), "w_aux": w_aux(t, cfg.gamma).mean().item()}
+    l_id = l_tic = None
+    if embedder is not None and z_ref is not None:
+        with autocast:
+            l_id, l_tic = face_terms(cfg, pipe, embedder, z_t, t, v.float(), batch, keep_r)
+        logs.update(l_id=l_id.mean().item(), l_tic=l_tic.mean().item())
+    loss = total_loss(l_flow, t, l_id, l_tic, cfg.lambda_id, cfg.lambda_tic, cfg.gamma)
+    return loss, logs
+
+
+def train(cfg: TrainConfig) -> Path:
+    rank, world, device = setup_distributed(cfg)
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    if cfg.resume:
+        src = checkpoint.resolve(out)
+        cfg.init = str(src)
+    pipe, _ = build(cfg, device)
+    trained = VAETrainer(pipe.vae) if cfg.stage == "vae" else Denoiser(pipe.text, pipe.dit)
+    if cfg.stage == "dit":
+        pipe.vae.requires_grad_(False).eval()
+    model = wrap(trained, cfg, world, device)
+    opt = torch.optim.AdamW(trained.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ema = {k: v.detach().float().clone() for k, v in trained.state_dict().items()} if cfg.ema > 0 else None
+    step = 0
+    if cfg.resume:
+        state = torch.load(src / "state.pt", map_location=device, weights_only=False)
+        trained.load_state_dict(state["raw"])
+        opt.load_state_dict(state["optimizer"])
+        ema, step = state["ema"], state["step"]
+    embedder = None
+    if cfg.stage == "dit" and cfg.face_model and cfg.ref != "none" and (cfg.lambda_id or cfg.lambda_tic):
+        from faces import load_embedder
+        embedder = load_embedder(cfg.face_model).to(device)
+    next_batch = batches(cfg, pipe, rank, world, device)
+    autocast = torch.autocast("cuda", torch.bfloat16) if cfg.bf16 and device.type == "cuda" else contextlib.nullcontext()
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    bar = tqdm(total=cfg.steps, initial=step, disable=rank != 0 or not cfg.progress, desc=f"{cfg.stage}")
+    metrics = open(out / "metrics.jsonl", "a") if rank == 0 else None
+    tic, tokens_seen = time.perf_counter(), 0
+    while step < cfg.steps:
+        g, batch = next_batch(step)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        model.train()
+        if cfg.stage == "vae":
+            loss, logs = vae_step(model, batch, autocast)
+        else:
+            loss, logs = dit_step(cfg, pipe, model, embedder, batch, g, autocast)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            logs["grad_norm"] = float(nn.utils.clip_grad_norm_(trained.parameters(), cfg.grad_clip))
+        opt.step()
+        if ema is not None:
+            ema_update(ema, trained, cfg.ema)
+        step += 1
+        tokens_seen += batch["video"].numel() // 3 * world
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps):
+            dt = time.perf_counter() - tic
+            row = {"step": step, "loss": loss.item(), **logs, "lr": lr_at(step - 1, cfg),
+                   "pixels_per_s": tokens_seen / dt, "peak_mem_gb": peak_memory_gb(device)}
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
+            tic, tokens_seen = time.perf_counter(), 0
+        if rank == 0 and (step % cfg.save_every == 0 or step == cfg.steps):
+            save(cfg, out, pipe, trained, opt, ema, step, next_batch)
+        if cfg.sample_every and step % cfg.sample_every == 0 and rank == 0 and cfg.stage == "dit":
+            write_sample(cfg, pipe, batch, out / f"sample_{step:06d}.gif")
+    bar.close()
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return out
+
+
+def export_weights(cfg, pipe, ema, next_batch) -> dict[str, torch.Tensor]:
+    """Inference weights: the EMA of what this stage trains in place of the raw weights; for
+    the VAE, the per-channel latent statistics of those weights over a few training batches."""
+    weights = checkpoint.state_dict(pipe.modules())
+    weights.update({k: v.to(weights[k].dtype) for k, v in (ema or {}).items()})
+    if cfg.stage == "vae":
+        from vae import compute_latent_stats
+
+        vae = copy.deepcopy(pipe.vae)
+        checkpoint.load_state({"vae": vae}, weights)
+        mean, std = compute_latent_stats(vae, (next_batch(10**9 + k)[1]["video"] for k in range(4)))
+        pipe.vae.set_latent_stats(mean, std)  # the raw weights' decoder reads them too
+        weights.update({"vae.latent_mean": mean, "vae.latent_std": std})
+    return weights
+
+
+def save(cfg, out, pipe, trained, opt, ema, step, next_batch):
+    """Writes <out>/step_XXXXXX atomically, then points `latest` at it (rank 0 only)."""
+    weights = export_weights(cfg, pipe, ema, next_batch)
+    state = {"raw": trained.state_dict(), "optimizer": opt.state_dict(), "ema": ema, "step": step}
+    name = f"step_{step:06d}"
+    checkpoint.save(out / name, pipe, weights, state, extra={"preset": cfg.config, "stage": cfg.stage, "step": step})
+    checkpoint.write_latest(out, name)
+    for old in sorted(p for p in out.glob("step_*") if p.is_dir())[: -cfg.keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_sample(cfg, pipe, batch, path):
+    from sample import generate
+
+    video = generate(pipe, batch["ref"][0] if cfg.ref != "none" else None, batch["prompt"][0], steps=20, progress=False)
+    data.save_video(path, video, pipe.fps)
+
+
+if __name__ == "__main__":
+    train(parse_args())
