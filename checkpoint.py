@@ -23,6 +23,7 @@ from vae import VAE_CONFIGS, VAEConfig, VideoVAE
 # Pixel size and frame count each preset is built for (the DiT preset of the same name).
 PRESETS = {
     "tiny": {"size": 32, "frames": 9, "vae": "tiny", "text": TextConfig(dim=64, depth=1, heads=2)},
+    "demo": {"size": 32, "frames": 9, "vae": "demo", "text": TextConfig(dim=128, depth=2, heads=4)},
     "small": {"size": 64, "frames": 17, "vae": "small", "text": TextConfig(dim=128, depth=2, heads=4)},
 }
 

@@ -247,3 +247,16 @@ def contact_sheet(rows: list[tuple[torch.Tensor, torch.Tensor, str]], scale: int
         im = Image.fromarray(strip).resize((strip.shape[1] * scale, strip.shape[0] * scale), Image.NEAREST)
         sheet.paste(im, (0, y + pad))
     return sheet
+
+
+# ----------------------------------------------------------------------------- the synthetic world
+
+def synth_batch(batch: int, size: int, frames: int, generator: torch.Generator, ref_source: str = "cross",
+                device="cpu", split: str = "train") -> dict:
+    """A batch of the synthetic world (synth.py): clips, references, prompts, landmarks.
+    ref_source: cross (another shot of the identity), in_clip (a frame of the clip), or mix."""
+    from synth import SynthWorld
+
+    if ref_source == "mix":
+        ref_source = "in_clip" if torch.rand(1, generator=generator).item() < 0.5 else "cross"
+    return SynthWorld().sample(batch, split, frames, size, ref_source, generator=generator, device=device)

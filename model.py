@@ -36,6 +36,7 @@ class DiTConfig:
 
 CONFIGS = {
     "tiny": DiTConfig(in_channels=8, dim=64, depth=2, heads=2, text_dim=64),
+    "demo": DiTConfig(in_channels=8, dim=128, depth=4, heads=4, text_dim=128),  # trains on a 2-core CPU
     "small": DiTConfig(in_channels=16, dim=384, depth=8, heads=6, text_dim=128),
     # LTX-2.3's video branch: 48 layers, 4096 wide, 32 heads of 128, 128 latent channels.
     "ltx2-video": DiTConfig(in_channels=128, dim=4096, depth=48, heads=32, text_dim=4096),

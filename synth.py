@@ -32,8 +32,16 @@ face oval (forehead to chin, without hair and ears).
 RANDOMNESS: every random number is drawn on the CPU from one torch.Generator, in a fixed order,
 then moved to the device; so a seed gives the same world on any device (up to float rounding).
 
-SPEED (measured on this repo's 2-core shared CPU, torch 2.13, float32): batch 16 x 17 frames at
-64x64 renders at ~10 clips/s (cross-clip references included); at 32x32 about 4x faster.
+SPEED (`SynthWorld().sample(16)`, 17 frames, cross-clip references included, torch 2.13 CPU,
+float32, on this repo's 2-core machine shared with other jobs): 64x64 ~24 clips/s with one thread
+(OMP_NUM_THREADS=1), ~37 clips/s with both cores when the machine is idle; 32x32 ~115 clips/s
+with one thread. When other processes keep the cores busy, torch's 2-thread pool slows every op
+by 10x or more, so prefer OMP_NUM_THREADS=1 there. On a GPU the same code runs unchanged.
+
+API: `SynthWorld(n_train_ids, n_test_ids).sample(...)` (training/eval batches), `render_clips`
+(chosen ids/actions/scenes), `sample_faces` (single face crops for an embedder), the pieces
+`identity_params`, `render_backgrounds`, `render`, `landmarks_and_boxes`, the prompt helpers
+`make_prompt`/`parse_prompt`, and `contact_sheet`.
 
 CLI: `python synth.py --sheet assets/world_sheet.png` writes a contact sheet (see --help).
 """
@@ -56,7 +64,8 @@ ACTIONS = (
     "smiles",
 )
 SCENES = ("beach", "forest", "city", "snow", "night", "desert", "room")
-SCENE_PHRASES = ("on the beach", "in the forest", "in the city", "in the snow", "at night", "in the desert", "in a room")
+SCENE_PHRASES = ("on the beach", "in the forest", "in the city", "in the snow", "at night", "in the desert",
+                 "in a room")
 TEMPLATES = (
     "a person {action} {where}",
     "{scene}: someone {action}",
@@ -69,15 +78,19 @@ TEST_ID_START = 100_000
 LANDMARK_NAMES = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
 
 # Palettes (RGB in [0, 1]). Skin is interpolated along the list; the others are picked.
-SKIN = torch.tensor([[0.99, 0.86, 0.75], [0.95, 0.77, 0.62], [0.85, 0.63, 0.47], [0.67, 0.46, 0.32], [0.47, 0.31, 0.21]])
-HAIR = torch.tensor([[0.08, 0.06, 0.05], [0.30, 0.18, 0.10], [0.55, 0.36, 0.18], [0.92, 0.78, 0.45], [0.72, 0.28, 0.10], [0.78, 0.78, 0.80]])
-IRIS = torch.tensor([[0.35, 0.20, 0.08], [0.20, 0.45, 0.80], [0.25, 0.55, 0.30], [0.10, 0.08, 0.06], [0.50, 0.55, 0.60]])
+SKIN = torch.tensor([[0.99, 0.86, 0.75], [0.95, 0.77, 0.62], [0.85, 0.63, 0.47], [0.67, 0.46, 0.32],
+                     [0.47, 0.31, 0.21]])
+HAIR = torch.tensor([[0.08, 0.06, 0.05], [0.30, 0.18, 0.10], [0.55, 0.36, 0.18], [0.92, 0.78, 0.45],
+                     [0.72, 0.28, 0.10], [0.78, 0.78, 0.80]])  # black, brown, light brown, blond, red, grey
+IRIS = torch.tensor([[0.35, 0.20, 0.08], [0.20, 0.45, 0.80], [0.25, 0.55, 0.30], [0.10, 0.08, 0.06],
+                     [0.50, 0.55, 0.60]])
 WALLS = torch.tensor([[0.55, 0.72, 0.70], [0.70, 0.64, 0.82], [0.90, 0.72, 0.74], [0.62, 0.70, 0.85]])
 EYE_WHITE = torch.tensor([0.97, 0.97, 0.95])
 INK = torch.tensor([0.10, 0.07, 0.06])
 
 N_ID_UNIFORMS = 64  # uniforms drawn per identity; parameters consume them in a fixed order
-MAX_YAW = 0.75      # radians reached by "turns to the left/right"
+SMILE_CURVE = 0.10  # how far a full smile bends the mouth line (face-local units)
+MAX_YAW = 0.85      # radians reached by "turns to the left/right"
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -117,7 +130,8 @@ def _uniform(g: torch.Generator, shape, lo=0.0, hi=1.0) -> torch.Tensor:
 
 def _identity_uniforms(ids: torch.Tensor) -> torch.Tensor:
     """[B, N_ID_UNIFORMS]: each row from a generator seeded by its id alone."""
-    rows = [torch.rand(N_ID_UNIFORMS, generator=torch.Generator().manual_seed(7919 * int(i) + 17)) for i in ids.tolist()]
+    rows = [torch.rand(N_ID_UNIFORMS, generator=torch.Generator().manual_seed(7919 * int(i) + 17))
+            for i in ids.tolist()]
     return torch.stack(rows) if rows else torch.zeros(0, N_ID_UNIFORMS)
 
 
@@ -148,8 +162,8 @@ def identity_params(ids: torch.Tensor) -> dict[str, torch.Tensor]:
     p["chin"] = draw(0.95, 1.20)         # lower half-height of the oval
     p["eye_dx"] = draw(0.25, 0.40)       # half the distance between the eyes
     p["eye_y"] = draw(-0.22, -0.02)
-    p["eye_w"] = draw(0.12, 0.20)
-    p["eye_h"] = p["eye_w"] * draw(0.45, 0.85)
+    p["eye_w"] = draw(0.15, 0.23)
+    p["eye_h"] = p["eye_w"] * draw(0.50, 0.90)
     p["eye_tilt"] = draw(-0.30, 0.30)
     p["iris"] = IRIS[pick(len(IRIS))]
     p["brow_gap"] = draw(0.07, 0.18)     # from the eye's top to the brow
@@ -167,7 +181,7 @@ def identity_params(ids: torch.Tensor) -> dict[str, torch.Tensor]:
     p["hairline"] = draw(-0.78, -0.50)
     p["hair_volume"] = draw(0.0, 1.0)
     p["hair_part"] = draw(-1.0, 1.0)
-    p["facial_hair"] = torch.bucketize(next(cols).contiguous(), torch.tensor([0.65, 0.82]))  # 65% none, 17% each
+    p["facial_hair"] = torch.bucketize(next(cols).contiguous(), torch.tensor([0.65, 0.82]))  # 65%, 17%, 18%
     p["ear"] = draw(0.10, 0.16)
     p["mole"] = (next(cols) < 0.4).float()
     p["mole_xy"] = torch.stack([draw(-0.6, 0.6), draw(-0.05, 0.45)], -1)
@@ -183,36 +197,42 @@ def identity_params(ids: torch.Tensor) -> dict[str, torch.Tensor]:
 
 # ----------------------------------------------------------------------------- nuisance / actions
 
+PER_FRAME = ("cx", "cy", "scale", "yaw", "pitch", "roll", "open", "smile", "blink")  # state keys that vary per frame
+
+
 def _smoothstep(t: torch.Tensor) -> torch.Tensor:
     return t * t * (3 - 2 * t)
 
 
 def _static_state(n: int, g: torch.Generator, wide: bool) -> dict[str, torch.Tensor]:
     """Per-clip nuisance [n] (colours [n, 3]); `wide` draws the broad pose/expression range
-    used for reference photos and face crops, otherwise the mild start pose of a clip."""
+    used for reference photos and face crops, otherwise the mild start pose of a clip.
+
+    cx, cy: face centre (normalised image coords); scale: the face's upper half-height
+    (normalised); yaw, pitch, roll: radians; open, blink: 0..1; smile: -0.2 (frown) .. 1;
+    light: side the light comes from (-1 left .. 1 right); bright, cast: whole-frame gain and
+    per-channel colour cast; shirt: RGB.
+    """
     k = 1.0 if wide else 0.25
-    st = {
+    return {
         "cx": _uniform(g, n, -0.15, 0.15),
         "cy": _uniform(g, n, -0.12, 0.05),
-        "scale": _uniform(g, n, 0.36, 0.46) if not wide else _uniform(g, n, 0.32, 0.52),
+        "scale": _uniform(g, n, 0.40, 0.48) if not wide else _uniform(g, n, 0.36, 0.54),
         "yaw": _uniform(g, n, -0.6 * k, 0.6 * k),
         "pitch": _uniform(g, n, -0.3 * k, 0.3 * k),
         "roll": _uniform(g, n, -0.3 * k, 0.3 * k),
         "open": _uniform(g, n, 0.0, 0.6) * (torch.rand(n, generator=g) < 0.5 * k),
         "smile": _uniform(g, n, -0.2, 0.9 if wide else 0.3),
-        "blink": _uniform(g, n, 0.0, 1.0) * (torch.rand(n, generator=g) < 0.15 * k),
+        "blink": _uniform(g, n, 0.0, 1.0) * (torch.rand(n, generator=g) < (0.15 if wide else 0.0)),
         "light": _uniform(g, n, -1.0, 1.0),
         "bright": _uniform(g, n, 0.82, 1.12),
         "cast": _uniform(g, (n, 3), 0.90, 1.10),
         "shirt": _uniform(g, (n, 3), 0.10, 0.90),
     }
-    return st
 
 
-PER_FRAME = ("cx", "cy", "scale", "yaw", "pitch", "roll", "open", "smile", "blink")
-
-
-def _act(st: dict[str, torch.Tensor], actions: torch.Tensor, frames: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+def _act(st: dict[str, torch.Tensor], actions: torch.Tensor, frames: int,
+         g: torch.Generator) -> dict[str, torch.Tensor]:
     """Turn per-clip start values into [n, frames] trajectories acting out ACTIONS[actions]."""
     n = len(actions)
     t = torch.linspace(0, 1, frames)[None].expand(n, frames)
@@ -221,24 +241,24 @@ def _act(st: dict[str, torch.Tensor], actions: torch.Tensor, frames: int, g: tor
     phase = _uniform(g, (n, 1), 0.0, 1.0)
     amp = _uniform(g, (n, 1), 0.7, 1.0)
 
-    def where(i, key, value):
-        out[key] = torch.where((actions == i)[:, None], value, out[key])
+    def where(action, key, value):
+        out[key] = torch.where((actions == ACTIONS.index(action))[:, None], value, out[key])
 
     yaw0 = out["yaw"]
-    where(0, "yaw", yaw0 + (-MAX_YAW - yaw0) * e)
-    where(1, "yaw", yaw0 + (MAX_YAW - yaw0) * e)
-    where(2, "pitch", out["pitch"] + 0.32 * amp * torch.sin(2 * math.pi * 2 * t))
-    where(3, "open", amp * torch.sin(math.pi * (3.5 * t + phase)).abs())
-    where(4, "cx", -0.5 + t)
-    where(5, "scale", out["scale"] * torch.exp(math.log(0.7) + math.log(1.35 / 0.7) * e))
-    where(5, "cy", out["cy"] + 0.15 * e)
+    where("turns to the left", "yaw", yaw0 + (-MAX_YAW - yaw0) * e)
+    where("turns to the right", "yaw", yaw0 + (MAX_YAW - yaw0) * e)
+    where("nods", "pitch", out["pitch"] + 0.45 * amp * torch.sin(2 * math.pi * 2 * t))  # two nods
+    where("talks", "open", amp * torch.sin(math.pi * (3.5 * t + phase)).abs())
+    where("moves across the frame", "cx", -0.5 + t)
+    where("approaches the camera", "scale", out["scale"] * torch.exp(math.log(0.7) + math.log(1.35 / 0.7) * e))
+    where("approaches the camera", "cy", out["cy"] + 0.15 * e)
     f = torch.arange(frames)[None].float()
     centres = ((phase * 0.1 + torch.tensor([[0.2, 0.55, 0.85]])) * (frames - 1)).round()  # [n, 3] frames
     blink = torch.exp(-((f[:, :, None] - centres[:, None, :]) / 0.7) ** 2).sum(-1).clamp(max=1)
-    where(6, "blink", blink)
-    where(7, "smile", out["smile"] + (1 - out["smile"]) * e)
-    where(7, "open", 0.3 * e)
-    where(7, "blink", 0.3 * e)  # eyes narrow in a smile
+    where("blinks", "blink", blink)  # three blinks, fully closed on a frame each
+    where("smiles", "smile", out["smile"] + (1 - out["smile"]) * e)
+    where("smiles", "open", 0.3 * e)
+    where("smiles", "blink", 0.3 * e)  # eyes narrow in a smile
     return out
 
 
@@ -257,18 +277,22 @@ def _col(rgb, device) -> torch.Tensor:
 
 def _noise(g, n: int, cells: int, size: int, device) -> torch.Tensor:
     """Smooth value noise [n, 1, S, S] in about [0, 1]."""
+    cells = max(cells, 2)
     r = torch.rand(n, 1, cells, cells, generator=g).to(device)
     return F.interpolate(r, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
 
 
 def _step(d: torch.Tensor, size: int) -> torch.Tensor:
     """Antialiased 0 -> 1 as d crosses 0 upwards (d in normalised units)."""
-    return torch.sigmoid(d * size)
+    return torch.sigmoid(2 * d * size)
 
 
 def _u(g, n, lo, hi, device) -> torch.Tensor:
     return _uniform(g, (n, 1, 1, 1), lo, hi).to(device)
 
+
+# Scene painters: (n, X, Y, g, size, device) -> [n, 3, S, S] RGB in about [0, 1], with a
+# random layout (horizon, trees, buildings, moon...) drawn from the CPU generator g.
 
 def _beach(n, X, Y, g, size, dev):
     hz = _u(g, n, -0.40, -0.10, dev)
@@ -376,9 +400,12 @@ def render_backgrounds(scenes: torch.Tensor, size: int, g: torch.Generator, devi
 # ----------------------------------------------------------------------------- face geometry
 
 def _ellipse(x, y, a, b):
-    """Approximate signed distance to the ellipse (x/a)^2 + (y/b)^2 = 1 (f / |grad f|)."""
-    f = (x / a) ** 2 + (y / b) ** 2 - 1
-    return f / (2 * torch.sqrt((x / a**2) ** 2 + (y / b**2) ** 2) + 1e-6)
+    """Approximate signed distance to the ellipse (x/a)^2 + (y/b)^2 = 1: the first-order
+    k0 (k0 - 1) / k1 estimate, floored by the distance to the bounding box (which the true
+    distance never undercuts) so thin ellipses leave no faint streaks far away."""
+    k0 = torch.sqrt((x / a) ** 2 + (y / b) ** 2)
+    k1 = torch.sqrt((x / a**2) ** 2 + (y / b**2) ** 2) + 1e-6
+    return torch.maximum(k0 * (k0 - 1) / k1, _box(x, y, a, b))
 
 
 def _segment(x, y, x0, y0, x1, y1):
@@ -426,26 +453,27 @@ def _view(st: dict[str, torch.Tensor], size: int, device) -> _View:
     dx, dy = X - cx, Y - cy
     U = (dx * torch.cos(r) + dy * torch.sin(r)) / s
     V = (-dx * torch.sin(r) + dy * torch.cos(r)) / s
-    return _View(U, V, 1.0 / (size * s), st["yaw"], st["pitch"])
+    return _View(U, V, 0.5 / (size * s), st["yaw"], st["pitch"])
 
 
 def _place(W, x, y, pop, yaw, pitch):
     """Where the frontal face point (x, y), raised `pop` towards the camera, appears after
     yaw then pitch: (u, v) face-local, horizontal foreshortening, depth (< 0: turned away).
 
-    The face is the front of an ellipsoid of half-width W, half-height 1.15 and depth W, so
+    The face is the front of an ellipsoid of half-width W, half-height 1.15 and depth 1.15 W, so
     points near the middle slide most when the head turns and the nose (large pop) slides
     further than the eyes.
     """
     xn = (x / W).clamp(-0.99, 0.99)
     nz = torch.sqrt(1 - xn**2)
-    z = W * torch.sqrt((1 - xn**2 - (y / 1.15) ** 2).clamp(min=0)) + pop
-    cy, sy, cp, sp = torch.cos(yaw), torch.sin(yaw), torch.cos(pitch), torch.sin(pitch)
-    u = x * cy + z * sy
-    z1 = -x * sy + z * cy
-    v = y * cp + z1 * sp
-    depth = z1 * cp - y * sp
-    squash = ((-xn * sy + nz * cy).clamp(min=0.15) / nz.clamp(min=0.15)).clamp(max=1.3)
+    z = 1.15 * W * torch.sqrt((1 - xn**2 - (y / 1.15) ** 2).clamp(min=0)) + pop
+    cos_yaw, sin_yaw, cos_pitch, sin_pitch = torch.cos(yaw), torch.sin(yaw), torch.cos(pitch), torch.sin(pitch)
+    u = x * cos_yaw + z * sin_yaw
+    z1 = -x * sin_yaw + z * cos_yaw
+    v = y * cos_pitch + z1 * sin_pitch
+    depth = z1 * cos_pitch - y * sin_pitch
+    # the surface normal's (x, z) turns with the head; its z says how much a feature faces us
+    squash = ((-xn * sin_yaw + nz * cos_yaw).clamp(min=0.15) / nz.clamp(min=0.15)).clamp(max=1.3)
     return u, v, squash, depth
 
 
@@ -464,13 +492,30 @@ def _shade(m: torch.Tensor) -> torch.Tensor:
     return m[:, None]
 
 
+def _eye_point(p, side: float, yaw, pitch):
+    """`_place` of the eye centre on `side` (-1: image-left, +1: image-right)."""
+    return _place(_id(p["face_w"]), side * _id(p["eye_dx"]), _id(p["eye_y"]), -0.03, yaw, pitch)
+
+
+def _nose_point(p, yaw, pitch):
+    """`_place` of the nose tip, which sticks out further the longer the nose."""
+    W = _id(p["face_w"])
+    return _place(W, torch.zeros_like(W), _id(p["nose_y"]), 0.22 + 0.4 * _id(p["nose_len"]), yaw, pitch)
+
+
+def _mouth_point(p, yaw, pitch):
+    """`_place` of the mouth centre."""
+    W = _id(p["face_w"])
+    return _place(W, torch.zeros_like(W), _id(p["mouth_y"]), 0.03, yaw, pitch)
+
+
 # Each painter returns a list of (coverage [B, F, S, S], colour broadcastable to [B, 3, F, S, S]).
 
 def _body(p, st, size, device):
     X, Y = _grid(size, device)
     s = _px(st["scale"])
     bu, bv = (X - _px(st["cx"])) / s, (Y - _px(st["cy"])) / s
-    eps = 1.0 / (size * s)
+    eps = 0.5 / (size * s)
     shirt = _soft(_ellipse(bu, bv - 2.45, 1.75, 1.05), eps)
     neck = _soft(_box(bu, bv - 0.95, 0.30 * _px(_id(p["face_w"])), 0.65), eps)
     shirt_col = _rgb(st["shirt"]) * _shade(0.85 + 0.15 * torch.cos(bu.clamp(-3, 3)))
@@ -497,7 +542,8 @@ def _hair_masks(view, p, st):
     """(back, front) hair coverage for each style, mixed by the identity's style one-hot."""
     U, V, eps = view.U, view.V, view.eps
     W, vol, part, hl0 = (_px(_id(p[k])) for k in ("face_w", "hair_volume", "hair_part", "hairline"))
-    Uf = U - 0.6 * W * _px(torch.sin(view.yaw))  # the forehead slides with the head
+    Uf = U - 0.6 * W * _px(torch.sin(view.yaw))  # the forehead slides with the head...
+    lift = 0.5 * _px(torch.sin(view.pitch))       # ...and the hairline drops in a nod
     r = torch.sqrt((U / W) ** 2 + (V + 0.05) ** 2)
     theta = torch.atan2(U / W, -(V + 0.05))       # 0 at the crown
     skull = _soft(_ellipse(U, V + 0.03, W * 1.08, 1.09), eps)
@@ -505,15 +551,15 @@ def _hair_masks(view, p, st):
     def below(line):  # coverage of V < line
         return _soft(V - line, eps)
 
-    hairline = (hl0 + 0.65 * (Uf / W) ** 2 + 0.12 * part * Uf / W).clamp(max=0.1)
+    hairline = (hl0 + lift + 0.65 * (Uf / W) ** 2 + 0.12 * part * Uf / W).clamp(max=0.1)
     cap = skull * below(hairline)
     brow_top = _px(_id(p["eye_y"] - p["eye_h"] - p["brow_gap"])) - 0.10
-    fringe_line = (brow_top + 0.035 * torch.sin(45 * Uf) + 0.5 * (Uf / W) ** 2).clamp(max=0.2)
+    fringe_line = (brow_top + lift + 0.035 * torch.sin(45 * Uf) + 0.5 * (Uf / W) ** 2).clamp(max=0.2)
     fringe = skull * below(fringe_line)
     spikes = 1.07 + (0.18 + 0.22 * vol) * (1 - (2 * torch.frac(theta * 1.7 + 0.5) - 1).abs()) * (theta.abs() < 1.8)
     spiky = _soft(r - spikes, eps) * below(hairline)
     curls = _soft(r - 1.12 - 0.05 * torch.cos(14 * theta), eps) * below(hairline + 0.03 * torch.cos(30 * Uf))
-    horseshoe = skull * _soft(0.75 * W - U.abs(), eps) * _soft(_box(U * 0, V + 0.2, 1, 0.25), eps)
+    horseshoe = skull * _soft(0.75 * W - U.abs(), eps) * _soft((V + 0.2).abs() - 0.25, eps)  # hair above the ears only
     long = _soft(torch.minimum(_ellipse(U, V, W * 1.15, 1.12),
                                _box(U, V - 0.4 - 0.3 * vol, W * (1.15 + 0.1 * vol), 0.4 + 0.3 * vol)), eps)
     bob = _soft(torch.minimum(_ellipse(U, V, W * 1.12, 1.1), _box(U, V - 0.2, W * 1.12, 0.2 + 0.2 * vol)), eps)
@@ -528,7 +574,7 @@ def _hair_masks(view, p, st):
 
 def _hair_colour(view, p, st):
     W = _px(_id(p["face_w"]))
-    strands = 0.92 + 0.08 * torch.sin(28 * view.U + 9 * view.V)
+    strands = 0.95 + 0.05 * torch.sin(20 * view.U + 7 * view.V)
     return _rgb(p["hair"]) * _shade(strands * (1 + 0.15 * _px(_id(st["light"])) * (view.U / W).clamp(-1.5, 1.5)))
 
 
@@ -574,36 +620,35 @@ def _marks(view, p, st):
 
 
 def _mouth_frame(view, p, st):
-    """Mouth centre placement and its curved centre line: returns (u, v, squash, du, w, half_width, curve)."""
-    W = _id(p["face_w"])
-    u, v, sq, _ = _place(W, torch.zeros_like(W), _id(p["mouth_y"]), 0.03, view.yaw, view.pitch)
+    """Coordinates around the mouth: du along it, w across its curved centre line (which meets
+    du = +-M at w = 0, dv = -0.65 SMILE_CURVE smile), and the half-width M."""
+    u, v, sq, _ = _mouth_point(p, view.yaw, view.pitch)
     du, dv = _local(view, u, v, sq)
     M = _px(_id(p["mouth_w"]))
-    curve = 0.10 * _px(st["smile"])
-    w = dv - curve * (0.35 - (du / M) ** 2)  # smiling lifts the corners
-    return u, v, sq, du, w, M, curve
+    w = dv - SMILE_CURVE * _px(st["smile"]) * (0.35 - (du / M) ** 2)  # smiling lifts the corners
+    return du, w, M
 
 
 def _beard(view, p, st):
-    _, _, _, du, w, M, _ = _mouth_frame(view, p, st)
+    du, w, M = _mouth_frame(view, p, st)
     W = _px(_id(p["face_w"]))
     beard = _soft(_face_oval(view, p), view.eps) * _soft(-(w + 0.10 + 0.35 * (du / W) ** 2), view.eps)
-    texture = 0.9 + 0.1 * torch.sin(40 * view.U) * torch.sin(40 * view.V)
-    on = _px(_id((p["facial_hair"] == 2).float()))
+    texture = 0.94 + 0.06 * torch.sin(40 * view.U) * torch.sin(40 * view.V)
+    on = _px(_id((p["facial_hair"] == FACIAL_HAIR.index("beard")).float()))
     return [(beard * 0.92 * on, _rgb(p["hair"]) * _shade(texture))]
 
 
 def _moustache(view, p, st):
-    _, _, _, du, w, M, _ = _mouth_frame(view, p, st)
+    du, w, M = _mouth_frame(view, p, st)
     lip = _px(_id(p["lip"]))
     dist = torch.hypot((du.abs() - 0.9 * M).clamp(min=0), w + lip + 0.06 - 0.05 * (du / M) ** 2)
-    on = _px(_id((p["facial_hair"] == 1).float()))
+    on = _px(_id((p["facial_hair"] == FACIAL_HAIR.index("moustache")).float()))
     return [(_soft(dist - 0.04, view.eps) * on, _rgb(p["hair"]))]
 
 
 def _mouth(view, p, st):
-    _, _, _, du, w, M, _ = _mouth_frame(view, p, st)
-    opening = 0.012 + 0.17 * _px(st["open"])
+    du, w, M = _mouth_frame(view, p, st)
+    opening = 0.012 + 0.24 * _px(st["open"])
     lips = _soft(_ellipse(du, w, M, _px(_id(p["lip"])) + opening), view.eps)
     inside = _soft(_ellipse(du, w, M * 0.9, opening), view.eps)
     teeth = inside * _soft(w + 0.4 * opening, view.eps) * (1.5 * _px(st["smile"]) - 0.3).clamp(0, 1)
@@ -614,12 +659,12 @@ def _mouth(view, p, st):
 
 def _nose(view, p, st):
     W, nose_w = _id(p["face_w"]), _id(p["nose_w"])
-    pop = 0.22 + 0.4 * _id(p["nose_len"])
-    u, v, sq, _ = _place(W, torch.zeros_like(W), _id(p["nose_y"]), pop, view.yaw, view.pitch)
+    u, v, sq, _ = _nose_point(p, view.yaw, view.pitch)
     du, dv = _local(view, u, v, sq)
     nw = _px(nose_w)
     tip = _soft(_ellipse(du, dv + 0.01, nw, nw * 0.6), view.eps) * 0.5
-    nostrils = sum(_soft(_ellipse(du - s * 0.55 * nw, dv - 0.015, 0.32 * nw, 0.2 * nw + 0.01), view.eps) for s in (-1, 1))
+    nostrils = sum(_soft(_ellipse(du - s * 0.55 * nw, dv - 0.015, 0.32 * nw, 0.2 * nw + 0.01), view.eps)
+                   for s in (-1, 1))
     ub, vb, _, _ = _place(W, torch.zeros_like(W), _id(p["eye_y"]) + 0.06, 0.08, view.yaw, view.pitch)
     side = torch.where(_id(st["light"]) >= 0, -1.0, 1.0)  # shadow on the side away from the light
     x1, y1 = u + sq * side * nose_w * 0.8, v - nose_w * 0.4
@@ -629,10 +674,9 @@ def _nose(view, p, st):
 
 
 def _eye_frame(view, p, side):
-    W = _id(p["face_w"])
-    u, v, sq, depth = _place(W, side * _id(p["eye_dx"]), _id(p["eye_y"]), -0.03, view.yaw, view.pitch)
+    u, v, sq, depth = _eye_point(p, side, view.yaw, view.pitch)
     du, dv = _local(view, u, v, sq)
-    return u, v, du, dv, _px(torch.sigmoid(depth / 0.04))
+    return du, dv, _px(torch.sigmoid(depth / 0.04))
 
 
 def _eyes(view, p, st):
@@ -640,11 +684,11 @@ def _eyes(view, p, st):
     a, b0 = _px(_id(p["eye_w"])), _px(_id(p["eye_h"]))
     b = b0 * (1 - 0.92 * _px(st["blink"])) + 0.004
     for side in (-1.0, 1.0):
-        _, _, du, dv, visible = _eye_frame(view, p, side)
+        du, dv, visible = _eye_frame(view, p, side)
         t = _px(_id(side * p["eye_tilt"]))
         eu, ev = du * torch.cos(t) + dv * torch.sin(t), -du * torch.sin(t) + dv * torch.cos(t)
         white = _soft(_ellipse(eu, ev, a, b), view.eps) * visible
-        outline = _soft(_ellipse(eu, ev, a + 0.03, b + 0.035), view.eps) * visible
+        outline = _soft(_ellipse(eu, ev + 0.012, a + 0.025, b + 0.03), view.eps) * visible  # heavier upper lid
         iris = _soft(torch.hypot(du, dv) - 0.8 * b0, view.eps) * white
         pupil = _soft(torch.hypot(du, dv) - 0.38 * b0, view.eps) * white
         layers += [(outline, _rgb(INK.to(a.device)[None])), (white, _rgb(EYE_WHITE.to(a.device)[None])),
@@ -701,14 +745,13 @@ def _to_pixels(u, v, st, size):
 
 def landmarks_and_boxes(identity: dict[str, torch.Tensor], state: dict[str, torch.Tensor], size: int):
     """Ground truth of `render`: 5 landmarks [B, F, 5, 2] (ArcFace order) and face boxes [B, F, 4]
-    in pixels, computed from the same placements the painters use."""
-    p, st = identity, {k: v.to(identity["face_w"].device) for k, v in state.items()}
+    in pixels, computed from the same placements the painters use (inputs on one device)."""
+    p, st = identity, state
     W, yaw, pitch = _id(p["face_w"]), st["yaw"], st["pitch"]
-    zero = torch.zeros_like(W)
-    eyes = [_place(W, side * _id(p["eye_dx"]), _id(p["eye_y"]), -0.03, yaw, pitch) for side in (-1.0, 1.0)]
-    nose = _place(W, zero, _id(p["nose_y"]), 0.22 + 0.4 * _id(p["nose_len"]), yaw, pitch)
-    mu, mv, msq, _ = _place(W, zero, _id(p["mouth_y"]), 0.03, yaw, pitch)
-    corner_v = mv - 0.65 * 0.10 * st["smile"]  # where the curved centre line of `_mouth` meets du = +-M
+    eyes = [_eye_point(p, side, yaw, pitch) for side in (-1.0, 1.0)]
+    nose = _nose_point(p, yaw, pitch)
+    mu, mv, msq, _ = _mouth_point(p, yaw, pitch)
+    corner_v = mv - 0.65 * SMILE_CURVE * st["smile"]  # see `_mouth_frame`
     us = [eyes[0][0], eyes[1][0], nose[0], mu - msq * _id(p["mouth_w"]), mu + msq * _id(p["mouth_w"])]
     vs = [eyes[0][1], eyes[1][1], nose[1], corner_v, corner_v]
     marks = _to_pixels(torch.stack(us, -1), torch.stack(vs, -1), st, size)
@@ -733,6 +776,18 @@ def _shoot(ids, state, scenes, size, g, device):
 def _still(st: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A one-frame state from per-clip values."""
     return {k: (v[:, None] if k in PER_FRAME else v) for k, v in st.items()}
+
+
+def render_clips(ids, actions, scenes, frames: int = 17, size: int = 64, seed: int | None = None,
+                 generator: torch.Generator | None = None, device="cpu") -> dict:
+    """Clips of identities `ids` acting out ACTIONS[actions] in SCENES[scenes] (all [B]), with a
+    random start pose, position, light and scene layout. Returns video [B, 3, F, S, S] in
+    [-1, 1], landmarks [B, F, 5, 2], boxes [B, F, 4] and the per-frame `state` it rendered."""
+    g = _generator(seed, generator)
+    ids, actions, scenes = (torch.as_tensor(x, dtype=torch.long).reshape(-1) for x in (ids, actions, scenes))
+    state = _act(_static_state(len(ids), g, wide=False), actions, frames, g)
+    video, marks, boxes = _shoot(ids, state, scenes, size, g, device)
+    return {"video": video, "landmarks": marks, "boxes": boxes, "state": state}
 
 
 class SynthWorld:
@@ -772,17 +827,17 @@ class SynthWorld:
         action = torch.randint(len(ACTIONS), (batch,), generator=g)
         scene = torch.randint(len(SCENES), (batch,), generator=g)
         template = torch.randint(len(TEMPLATES), (batch,), generator=g)
-        state = _act(_static_state(batch, g, wide=False), action, frames, g)
-        video, marks, boxes = _shoot(ids, state, scene, size, g, device)
+        clip = render_clips(ids, action, scene, frames, size, generator=g, device=device)
+        video, marks, boxes = clip["video"], clip["landmarks"], clip["boxes"]
         if ref == "in_clip":
             ref_frame = torch.randint(frames, (batch,), generator=g)
-            rows = torch.arange(batch)
-            ref_img = video[rows.to(device), :, ref_frame.to(device)]
-            ref_marks, ref_scene = marks[rows.to(device), ref_frame.to(device)], scene
+            rows, pick = torch.arange(batch, device=device), ref_frame.to(device)
+            ref_img, ref_marks, ref_scene = video[rows, :, pick], marks[rows, pick], scene
         else:
             ref_frame = torch.full((batch,), -1)
             ref_scene = (scene + torch.randint(1, len(SCENES), (batch,), generator=g)) % len(SCENES)
-            ref_video, ref_marks, _ = _shoot(ids, _still(_static_state(batch, g, wide=True)), ref_scene, size, g, device)
+            ref_state = _still(_static_state(batch, g, wide=True))
+            ref_video, ref_marks, _ = _shoot(ids, ref_state, ref_scene, size, g, device)
             ref_img, ref_marks = ref_video[:, :, 0], ref_marks[:, 0]
         return {
             "video": video, "ref": ref_img, "landmarks": marks, "boxes": boxes, "ref_landmarks": ref_marks,
@@ -825,12 +880,13 @@ def contact_sheet(batch: dict, columns: int = 6, zoom: int = 2, show_landmarks: 
         if show_landmarks:
             for k, (px, py) in enumerate(marks.tolist()):
                 cx, cy = x + (px + 0.5) * zoom, y + (py + 0.5) * zoom
-                draw.ellipse([cx - 1.5, cy - 1.5, cx + 1.5, cy + 1.5], fill=("red", "blue", "lime", "magenta", "cyan")[k])
+                colour = ("red", "blue", "lime", "magenta", "cyan")[k]  # LANDMARK_NAMES order
+                draw.ellipse([cx - 1.5, cy - 1.5, cx + 1.5, cy + 1.5], fill=colour)
 
     for b in range(B):
         y = gap + b * (caption + tile + gap)
-        draw.text((gap, y), f"id {int(batch['identity'][b])} | ref: {SCENES[int(batch['ref_scene'][b])]} | {batch['prompt'][b]}",
-                  fill="black")
+        ref_scene = SCENES[int(batch["ref_scene"][b])]
+        draw.text((gap, y), f"id {int(batch['identity'][b])} | ref: {ref_scene} | {batch['prompt'][b]}", fill="black")
         y += caption
         paste(ref[b], batch["ref_landmarks"][b].cpu(), gap, y)
         for j, f in enumerate(picks.tolist()):
