@@ -78,9 +78,14 @@ def load_state(modules: dict[str, nn.Module], weights: dict[str, torch.Tensor], 
         part = {k[len(name) + 1:]: v for k, v in weights.items() if k.startswith(name + ".")}
         if not part and not strict:
             continue
-        missing, unexpected = m.load_state_dict(part, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"checkpoint does not fit the {name} module: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        own = m.state_dict()
+        missing = [k for k in own if k not in part]
+        unexpected = [k for k in part if k not in own]
+        resized = [f"{k} {tuple(part[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in part and part[k].shape != own[k].shape]
+        if missing or unexpected or resized:
+            raise ValueError(f"checkpoint does not fit the {name} module (a checkpoint of another config?): "
+                             f"missing {missing[:3]}, unexpected {unexpected[:3]}, shape {resized[:3]}")
+        m.load_state_dict(part)
 
 
 def save(folder: str | os.PathLike, pipe: Pipeline, weights: dict[str, torch.Tensor] | None = None,

@@ -24,7 +24,7 @@ FRAME_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
 def to_tensor(frames: np.ndarray) -> torch.Tensor:
     """uint8 [..., H, W, 3] -> float [..., 3, H, W] in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(frames)).movedim(-1, -3).float() / 127.5 - 1
+    return torch.from_numpy(np.array(frames)).movedim(-1, -3).float() / 127.5 - 1
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
