@@ -54,6 +54,7 @@ class VAEConfig:
 
 VAE_CONFIGS = {
     "tiny": VAEConfig(latent_channels=8, spatial=4, tau=4, width=16),   # 32x32 frames
+    "demo": VAEConfig(latent_channels=8, spatial=4, tau=4, width=32),   # 32x32 frames, the bundled model
     "small": VAEConfig(latent_channels=16, spatial=4, tau=4, width=32, channel_mult=(1, 2, 3)),  # 64x64 frames
 }
 
@@ -71,6 +72,9 @@ class CausalConv3d(nn.Module):
         self.conv = nn.Conv3d(cin, cout, kernel, stride=stride, padding=(0, kernel // 2, kernel // 2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[2] == 1:  # a lone frame (an image) sees copies of itself: fold the time taps, 3x cheaper
+            weight = self.conv.weight.sum(2, keepdim=True)
+            return F.conv3d(x, weight, self.conv.bias, self.conv.stride, self.conv.padding)
         past = x[:, :, :1].expand(-1, -1, self.time_pad, -1, -1)
         return self.conv(torch.cat([past, x], dim=2))
 
@@ -92,6 +96,8 @@ class ResBlock(nn.Module):
         super().__init__()
         self.norm1, self.conv1 = FrameNorm(channels), CausalConv3d(channels, channels)
         self.norm2, self.conv2 = FrameNorm(channels), CausalConv3d(channels, channels)
+        nn.init.zeros_(self.conv2.conv.weight)  # start as the identity: trains faster
+        nn.init.zeros_(self.conv2.conv.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))

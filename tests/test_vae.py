@@ -3,7 +3,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 from safetensors.torch import load_file, save_file
 
-from vae import VAE_CONFIGS, VAEConfig, VideoVAE, compute_latent_stats
+from vae import VAE_CONFIGS, ResBlock, VAEConfig, VideoVAE, compute_latent_stats
 
 S = 16  # test frames are 16x16 -> 4x4 latents
 
@@ -11,7 +11,11 @@ S = 16  # test frames are 16x16 -> 4x4 latents
 def make_vae(tau: int = 4, dtype=torch.float32, seed: int = 0) -> VideoVAE:
     torch.manual_seed(seed)
     config = VAEConfig(latent_channels=4, spatial=4, tau=tau, width=8, channel_mult=(1, 2, 2))
-    return VideoVAE(config).to(dtype)
+    vae = VideoVAE(config)
+    for module in vae.modules():  # residual branches start at zero; open them so the tests see them
+        if isinstance(module, ResBlock):
+            module.conv2.conv.reset_parameters()
+    return vae.to(dtype)
 
 
 def clip(frames: int, batch: int = 2, dtype=torch.float32, seed: int = 1) -> torch.Tensor:
@@ -27,6 +31,16 @@ def test_image_gives_one_latent_frame():
         assert z.shape == (2, 4, 1, 4, 4)
         assert torch.equal(z, vae.encode(image[:, :, None]))  # same as a 1-frame clip
         assert vae.decode(z).shape == (2, 3, 1, S, S)
+
+
+def test_image_path_matches_first_frame_of_a_clip():
+    """A lone frame takes the folded-kernel shortcut; it must agree with frame 0 of a clip."""
+    vae = make_vae(dtype=torch.float64)
+    x = clip(5, dtype=torch.float64)
+    with torch.no_grad():
+        z_clip, z_image = vae.encode(x), vae.encode(x[:, :, 0])
+        torch.testing.assert_close(z_image[:, :, 0], z_clip[:, :, 0])
+        torch.testing.assert_close(vae.decode(z_image)[:, :, 0], vae.decode(z_clip)[:, :, 0])
 
 
 # (tau, pixel frames, latent frames), counted by hand from "first frame alone, then groups of tau"
@@ -164,6 +178,9 @@ def test_loss_backward_reaches_every_parameter():
     assert losses["kl"] >= 0
     torch.testing.assert_close(losses["total"], losses["recon"] + vae.config.kl_weight * losses["kl"])
     losses["total"].backward()
+    torch.optim.SGD(vae.parameters(), lr=0.1).step()  # residual branches start at zero; one step opens them
+    vae.zero_grad()
+    vae.loss(clip(5))["total"].backward()
     for name, p in vae.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
 
