@@ -9,6 +9,8 @@ Within an axis with n pairs, pair m turns at frequency theta^(-m/n), m = 0..n-1.
 its axis, so the angle of pair k at position p = (t, i, j) is simply (p @ F.T)[k]. Positions
 are floats, so fractional (LTX-style) coordinates work unchanged.
 """
+import math
+
 import torch
 
 REFERENCE_MODES = ("tass", "shared", "far", "tass_t0")
@@ -67,21 +69,69 @@ def reference_positions(T: int, H: int, W: int, mode: str = "tass", far_gap: int
 
 
 def rope_angles(pos: torch.Tensor, freqs: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-    """Angles [..., N, D/2] = pos [..., N, 3] @ freqs.T (float32 unless asked otherwise)."""
-    return pos.to(dtype) @ freqs.to(pos.device, dtype).T
+    """Angles [..., N, D/2] = pos [..., N, 3] @ freqs.T (float32 unless asked otherwise); per-head
+    freqs [heads, D/2, 3] give [heads, N, D/2]."""
+    return pos.to(dtype) @ freqs.to(pos.device, dtype).mT
 
 
 def apply_rope(x: torch.Tensor, pos: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """Rotate x [B, heads, N, D] by positions pos [N, 3] or [B, N, 3] (rotate-half layout).
+    """Rotate x [B, heads, N, D] by positions pos [N, 3] or [B, N, 3] (rotate-half layout), with
+    freqs [D/2, 3] shared by the heads or [heads, D/2, 3] per head (LTX-2).
 
     out[:k] = x1 cos - x2 sin, out[k:] = x2 cos + x1 sin, with (x1, x2) the two halves of x.
     Computed in float32 (float64 if x is float64) and returned in x's dtype.
     """
     ctype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if pos.dim() == 3:  # per-sample positions [B, N, 3] -> [B, 1, N, 3], broadcast over heads
+        pos = pos[:, None]
     angles = rope_angles(pos, freqs, ctype)
-    if angles.dim() == 3:  # per-sample positions [B, N, D/2] -> broadcast over heads
-        angles = angles[:, None]
     cos, sin = angles.cos(), angles.sin()
     x1, x2 = x.to(ctype).chunk(2, dim=-1)
     out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
     return out.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- LTX-2's RoPE
+#
+# LTX-2 positions a token by the centre of the pixel box it covers: time in seconds (the causal VAE
+# maps latent frame f >= 1 to pixel frames [8f-7, 8f+1), frame 0 to [0, 1)), height and width in
+# pixels (latent i -> [32i, 32i+32)). Each coordinate is divided by a maximum (20 s, 2048 px, 2048 px)
+# and mapped to [-1, 1]. Frequencies theta^(m/(n-1)) pi/2, m < n = dim // 6, are shared across the
+# *whole* attention width (all heads together), interleaved over the axes (t, h, w, t, h, w, ...)
+# after (dim/2 - 3n) unused pairs at the front; head h takes pairs [h D/2, (h+1) D/2), so each head
+# has its own frequencies: the table is [heads, D/2, 3], one non-zero per row, like rope_frequencies.
+# The TASS reference goes through the same map: latent (T, H+i, W+j) from reference_positions is the
+# box of latent frame T, shifted by one full latent height and width (32 H, 32 W pixels).
+
+LTX2_SCALE = (8, 32, 32)  # the VAE's (time, height, width) compression
+LTX2_MAX_POS = (20.0, 2048.0, 2048.0)  # seconds, pixels, pixels
+
+
+def ltx2_positions(latent_pos: torch.Tensor, fps: float = 24.0, scale=LTX2_SCALE, max_pos=LTX2_MAX_POS,
+                   causal_offset: int = 1) -> torch.Tensor:
+    """Latent (t, i, j) [..., 3] -> LTX-2's normalised coordinates in [-1, 1] [..., 3] (float32).
+
+    Follows LTX-2's arithmetic step by step (pixel box, causal shift of the first frame, seconds,
+    box centre, / max, 2p - 1) so that the angles match its float32 rounding exactly.
+    """
+    scale_t = torch.tensor(scale, dtype=torch.float32)
+    start = latent_pos.float() * scale_t
+    end = (latent_pos.float() + 1) * scale_t
+    for box in (start, end):  # causal VAE: frame 0 is one pixel frame, the others are groups of scale[0]
+        box[..., 0] = (box[..., 0] + causal_offset - scale[0]).clamp(min=0) / fps
+    centre = (start + end) / 2.0
+    grid = torch.stack([centre[..., a] / max_pos[a] for a in range(3)], dim=-1)
+    return grid * 2 - 1
+
+
+def ltx2_rope_frequencies(dim: int, heads: int, theta: float = 10000.0) -> torch.Tensor:
+    """[heads, D/2, 3] float32, D = dim / heads: LTX-2's per-head RoPE frequencies for ltx2_positions,
+    in the rotate-half ("split") layout; the "interleaved" layout is the same after permuting each
+    head's q and k channels (ltx2.py does that to the weights)."""
+    n = dim // 6
+    f = (theta ** torch.linspace(0.0, 1.0, n, dtype=torch.float64) * math.pi / 2.0).float()
+    table = torch.zeros(dim // 2, 3)
+    pad = dim // 2 - 3 * n
+    for axis in range(3):
+        table[pad + axis::3, axis] = f
+    return table.reshape(heads, dim // heads // 2, 3)

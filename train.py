@@ -235,7 +235,7 @@ def batches(cfg: TrainConfig, pipe, rank: int, world: int, device):
 def vae_step(model, batch, autocast):
     with autocast:
         terms = model(batch["video"])
-    return terms["total"], {k: v.item() for k, v in terms.items()}
+    return terms["total"], {k: v.item() for k, v in terms.items()}, batch["video"][:, 0].numel()  # tokens: pixels
 
 
 def dit_step(cfg, pipe, model, embedder, batch, g, autocast):
@@ -263,7 +263,7 @@ def dit_step(cfg, pipe, model, embedder, batch, g, autocast):
             l_id, l_tic = face_terms(cfg, pipe, embedder, z_t, t, v.float(), batch, keep_r)
         logs.update(l_id=l_id.mean().item(), l_tic=l_tic.mean().item())
     loss = total_loss(l_flow, t, l_id, l_tic, cfg.lambda_id, cfg.lambda_tic, cfg.gamma)
-    return loss, logs
+    return loss, logs, B * (T + (z_ref is not None)) * H * W  # tokens: video + reference
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -304,9 +304,9 @@ def train(cfg: TrainConfig) -> Path:
             group["lr"] = lr_at(step, cfg)
         model.train()
         if cfg.stage == "vae":
-            loss, logs = vae_step(model, batch, autocast)
+            loss, logs, tokens = vae_step(model, batch, autocast)
         else:
-            loss, logs = dit_step(cfg, pipe, model, embedder, batch, g, autocast)
+            loss, logs, tokens = dit_step(cfg, pipe, model, embedder, batch, g, autocast)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
@@ -315,13 +315,13 @@ def train(cfg: TrainConfig) -> Path:
         if ema is not None:
             ema_update(ema, trained, cfg.ema)
         step += 1
-        tokens_seen += batch["video"].numel() // 3 * world
+        tokens_seen += tokens * world
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps):
             dt = time.perf_counter() - tic
             row = {"step": step, "loss": loss.item(), **logs, "lr": lr_at(step - 1, cfg),
-                   "pixels_per_s": tokens_seen / dt, "peak_mem_gb": peak_memory_gb(device)}
+                   "tokens_per_s": tokens_seen / dt, "peak_mem_gb": peak_memory_gb(device)}
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
             tic, tokens_seen = time.perf_counter(), 0
