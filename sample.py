@@ -19,7 +19,7 @@ from guidance import euler_sample, shift_for_tokens, three_stream_velocity, time
 from text import EMPTY_PROMPT
 
 ASSETS = Path(__file__).resolve().parent / "assets"
-DEFAULT_CKPT = ASSETS / "stdrc-small"
+DEFAULT_CKPT = ASSETS / "stdrc-demo"
 DEFAULT_REF = ASSETS / "reference.png"
 DEFAULT_PROMPT = "a person turns to the left on the beach"
 
