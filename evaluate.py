@@ -46,6 +46,7 @@ from torch import nn
 
 import checkpoint
 import faces
+from cli import flag
 from data import AV_SUFFIXES, PIL_SUFFIXES, load_image, read_frames, resize_center_crop, to_tensor
 from faces import SynthNetConfig, conv_stack, embed_faces, resize_frames
 from sample import generate
@@ -280,13 +281,13 @@ def benchmark(judges: Judges, ckpt, n: int = 32, steps: int = 20, s_y: float = 5
 
 @dataclass
 class WorldTrainConfig:
-    out: str = faces.flag(str(WORLD_MODEL), "output folder (config.json, scene/action.safetensors, metrics.json)")
-    face_model: str = faces.flag(str(faces.SYNTH_FACE_MODEL), "folder of the synthetic face detector")
-    steps: int = faces.flag(500, "optimizer steps")
-    clips: int = faces.flag(32, "clips per step (frames alternate between 9 and 17)")
-    lr: float = faces.flag(3e-3, "AdamW peak learning rate")
-    test_clips: int = faces.flag(256, "held-out clips (test identities) for the accuracies")
-    seed: int = faces.flag(0, "seed of weights and data")
+    out: str = flag(str(WORLD_MODEL), "output folder (config.json, scene/action.safetensors, metrics.json)")
+    face_model: str = flag(str(faces.SYNTH_FACE_MODEL), "folder of the synthetic face detector")
+    steps: int = flag(500, "optimizer steps")
+    clips: int = flag(32, "clips per step (frames alternate between 9 and 17)")
+    lr: float = flag(3e-3, "AdamW peak learning rate")
+    test_clips: int = flag(256, "held-out clips (test identities) for the accuracies")
+    seed: int = flag(0, "seed of weights and data")
 
 
 def world_batch(detector, clips: int, frames: int, split: str, g: torch.Generator, augment: bool) -> dict:

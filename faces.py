@@ -34,7 +34,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +46,7 @@ from onnx import numpy_helper
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from cli import add_flags, config_from, flag
 from data import augment_reference, read_frames
 from synth import (ACTIONS, SCENES, TEST_ID_START, identity_params, landmarks_and_boxes, render, render_backgrounds,
                    render_clips, sample_faces)
@@ -692,10 +693,6 @@ def landmark_metrics(detector: SynthFaceDetector, ids, size: int, seed: int, cli
     return {f"landmark_error_px_{size}": error, f"face_accuracy_{size}": ((score > 0.5) == present).float().mean().item()}
 
 
-def flag(default, help):
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class SynthTrainConfig:
     out: str = flag(str(SYNTH_FACE_MODEL), "output folder (config.json, *.safetensors, metrics.json)")
@@ -796,8 +793,7 @@ def main(argv=None) -> int:
     sub = ap.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train-synth", help="train the synthetic world's face embedder and detector "
                                                "(OMP_NUM_THREADS=1 python faces.py train-synth --out assets/face_model)")
-    for f in fields(SynthTrainConfig):
-        train.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default, help=f.metadata["help"])
+    add_flags(train, SynthTrainConfig)
     marks = sub.add_parser("landmarks", help="detect 5 landmarks in every frame of a manifest's videos (InsightFace SCRFD)")
     marks.add_argument("--manifest", required=True, help="JSONL manifest ({\"video\", \"caption\"} a line)")
     marks.add_argument("--out", default=None, help="manifest to write (default: MANIFEST with .faces.jsonl)")
@@ -806,7 +802,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     if args.command == "train-synth":
-        metrics = train_synth(SynthTrainConfig(**{f.name: getattr(args, f.name) for f in fields(SynthTrainConfig)}))
+        metrics = train_synth(config_from(SynthTrainConfig, args))
         print(json.dumps({k: v for k, v in metrics.items() if k != "config"}, indent=2))
         return 0
     manifest = Path(args.manifest)

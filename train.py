@@ -18,7 +18,7 @@ import resource
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -27,14 +27,11 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import checkpoint
+from cli import add_flags, config_from, flag
 import data
 from guidance import dropout_masks, shift_for_tokens, shift_time
 from losses import add_noise, clean_estimate, flow_loss, identity_loss, temporal_identity_loss, total_loss, w_aux
 from text import EMPTY_PROMPT, tokenize
-
-
-def flag(default, help):
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass
@@ -78,13 +75,7 @@ class TrainConfig:
 
 def parse_args(argv=None) -> TrainConfig:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(TrainConfig):
-        name = "--" + f.name.replace("_", "-")
-        if f.type in (bool, "bool"):
-            p.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
-        else:
-            p.add_argument(name, type=type(f.default), default=f.default, help=f.metadata["help"] + f" (default: {f.default})")
-    return TrainConfig(**vars(p.parse_args(argv)))
+    return config_from(TrainConfig, add_flags(p, TrainConfig).parse_args(argv))
 
 
 # ----------------------------------------------------------------------------- distributed

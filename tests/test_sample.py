@@ -1,7 +1,6 @@
 """sample.py on a tiny checkpoint: writes a video and a sheet; clear errors."""
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import data
