@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.utils.checkpoint
 from tqdm import tqdm
 
 import checkpoint
@@ -143,7 +144,10 @@ def face_terms(cfg, pipe, embedder, z_t, t, v, batch, keep_ref):
     from faces import embed_faces
 
     z0_hat = clean_estimate(z_t, t, v)[:, :, : cfg.id_frames]
-    x = pipe.vae.decode(z0_hat)  # [B, 3, F', S, S]
+    if cfg.grad_checkpoint:  # recompute the decoder's activations in the backward pass
+        x = torch.utils.checkpoint.checkpoint(pipe.vae.decode, z0_hat, use_reentrant=False)
+    else:
+        x = pipe.vae.decode(z0_hat)  # [B, 3, F', S, S]
     B, _, Fp = x.shape[:3]
     e = embed_faces(embedder, x.transpose(1, 2).flatten(0, 1), batch["landmarks"][:, :Fp].flatten(0, 1)).view(B, Fp, -1)
     with torch.no_grad():
