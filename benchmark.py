@@ -14,6 +14,7 @@ import torch
 
 import checkpoint
 from guidance import three_stream_velocity
+from train import peak_memory_gb
 
 
 def sync(device):
@@ -32,13 +33,6 @@ def timed(fn, device, repeat: int) -> float:
         sync(device)
         times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]
-
-
-def peak_gb(device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def bench(preset: str, attn: str, batch: int, repeat: int, device: torch.device, dtype: torch.dtype) -> dict:
@@ -75,7 +69,7 @@ def bench(preset: str, attn: str, batch: int, repeat: int, device: torch.device,
         torch.cuda.reset_peak_memory_stats(device)
     dit.train()
     t_train = timed(train_step, device, repeat)
-    mem = peak_gb(device)
+    mem = peak_memory_gb(device)
     dit.eval()
     t_step = timed(sample_step, device, repeat)
     t_decode = timed(decode, device, max(1, repeat // 2))

@@ -176,11 +176,10 @@ def ema_update(ema: dict[str, torch.Tensor], module: nn.Module, decay: float):
             ema[k].lerp_(p.detach().to(ema[k].dtype), 1 - decay)
 
 
-def build(cfg: TrainConfig, device) -> tuple[checkpoint.Pipeline, dict]:
+def build(cfg: TrainConfig, device) -> checkpoint.Pipeline:
     """The pipeline: fresh for this preset, or from --init (which must be of the same preset)."""
     pipe = checkpoint.build_pipeline(cfg.config, ref_mode=None if cfg.ref == "none" else cfg.ref,
                                      attn_backend=cfg.attn, grad_checkpoint=cfg.grad_checkpoint)
-    meta = {}
     if cfg.init:
         src = checkpoint.resolve(cfg.init)
         meta = json.loads((src / "config.json").read_text())
@@ -189,7 +188,7 @@ def build(cfg: TrainConfig, device) -> tuple[checkpoint.Pipeline, dict]:
                      f"pass --config {meta.get('preset')} or start from a checkpoint of {cfg.config}")
         weights = checkpoint.load_file(str(src / "model.safetensors"))
         checkpoint.load_state(pipe.modules(), weights, strict=False)
-    return pipe.to(device), meta
+    return pipe.to(device)
 
 
 def batches(cfg: TrainConfig, pipe, rank: int, world: int, device):
@@ -268,7 +267,7 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.resume:
         src = checkpoint.resolve(out)
         cfg.init = str(src)
-    pipe, _ = build(cfg, device)
+    pipe = build(cfg, device)
     trained = VAETrainer(pipe.vae) if cfg.stage == "vae" else Denoiser(pipe.text, pipe.dit)
     if cfg.stage == "dit":
         pipe.vae.requires_grad_(False).eval()
@@ -325,6 +324,8 @@ def train(cfg: TrainConfig) -> Path:
         if cfg.sample_every and step % cfg.sample_every == 0 and rank == 0 and cfg.stage == "dit":
             write_sample(cfg, pipe, batch, out / f"sample_{step:06d}.gif")
     bar.close()
+    if metrics is not None:
+        metrics.close()
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
