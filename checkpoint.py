@@ -2,7 +2,8 @@
 
 A checkpoint is a folder: `model.safetensors` (weights, keys prefixed `vae.`, `text.`, `dit.`;
 EMA weights when training kept them), `config.json` (every config, so the folder rebuilds the
-pipeline by itself) and, for training, `state.pt` (raw weights, optimizer, step, RNG).
+pipeline by itself; an LTX-2.3 pipeline has `"text": null` and a `"kind": "ltx2"` VAE holding
+diffusers' AutoencoderKLLTX2Video config) and, for training, `state.pt` (raw weights, optimizer, step, RNG).
 Folders are written under a temporary name and renamed into place, so a crash never leaves
 a half-written checkpoint; a run folder's `latest` file names its newest checkpoint.
 """
@@ -30,19 +31,26 @@ PRESETS = {
 
 @dataclass
 class Pipeline:
-    vae: VideoVAE
-    text: TextEncoder
+    vae: VideoVAE  # or ltx2.LTX2VAE: the same interface
+    text: TextEncoder | None  # None: the DiT takes precomputed prompt embeddings (LTX-2.3)
     dit: DiT
     size: int
     frames: int
     fps: float = 8.0
 
     def modules(self) -> dict[str, nn.Module]:
-        return {"vae": self.vae, "text": self.text, "dit": self.dit}
+        return {name: m for name, m in (("vae", self.vae), ("text", self.text), ("dit", self.dit)) if m is not None}
 
     def config(self) -> dict:
-        return {"vae": asdict(self.vae.config), "text": asdict(self.text.config), "dit": asdict(self.dit.cfg),
-                "size": self.size, "frames": self.frames, "fps": self.fps}
+        return {"vae": asdict(self.vae.config), "text": None if self.text is None else asdict(self.text.config),
+                "dit": asdict(self.dit.cfg), "size": self.size, "frames": self.frames, "fps": self.fps}
+
+    def check(self) -> "Pipeline":
+        """Raise ValueError unless frames and size fit the VAE (1 + tau k frames, size divisible by s)."""
+        self.vae.latent_frames(self.frames)
+        if self.size % self.vae.config.spatial:
+            raise ValueError(f"frame size {self.size} must be divisible by the VAE's spatial factor {self.vae.config.spatial}")
+        return self
 
     def to(self, device) -> "Pipeline":
         for m in self.modules().values():
@@ -64,9 +72,18 @@ def build_pipeline(preset: str, **dit_overrides) -> Pipeline:
     return Pipeline(VideoVAE(VAE_CONFIGS[p["vae"]]), text, dit, p["size"], p["frames"])
 
 
+def vae_from_config(cfg: dict) -> nn.Module:
+    """VideoVAE, or the LTX-2 VAE wrapper when the config says kind "ltx2"."""
+    if cfg.get("kind") == "ltx2":
+        from ltx2 import LTX2VAE
+        return LTX2VAE.from_config(cfg)
+    return VideoVAE(_dataclass(VAEConfig, cfg))
+
+
 def pipeline_from_config(cfg: dict) -> Pipeline:
-    return Pipeline(VideoVAE(_dataclass(VAEConfig, cfg["vae"])), TextEncoder(_dataclass(TextConfig, cfg["text"])),
-                    DiT(_dataclass(DiTConfig, cfg["dit"])), cfg["size"], cfg["frames"], cfg.get("fps", 8.0))
+    text = None if cfg["text"] is None else TextEncoder(_dataclass(TextConfig, cfg["text"]))
+    return Pipeline(vae_from_config(cfg["vae"]), text, DiT(_dataclass(DiTConfig, cfg["dit"])), cfg["size"],
+                    cfg["frames"], cfg.get("fps", 8.0))
 
 
 def state_dict(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:

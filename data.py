@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+from text import empty_embeds_path, load_prompt_embeds, pad_prompt_embeds
+
 AV_SUFFIXES = {".mp4", ".webm", ".mov", ".mkv", ".avi"}
 PIL_SUFFIXES = {".gif", ".webp"}
 FRAME_SUFFIXES = {".png", ".jpg", ".jpeg"}
@@ -98,12 +100,18 @@ def frame_indices(n_src: int, src_fps: float, n_out: int, fps: float, start: flo
     return np.minimum(np.round(times * src_fps).astype(int), n_src - 1).tolist()
 
 
+TEXT_PAIRS = (("prompt_embeds", "prompt_attention_mask"), ("empty_prompt_embeds", "empty_prompt_attention_mask"))
+
+
 class ManifestDataset(torch.utils.data.Dataset):
-    """Real clips from a JSONL manifest: {"video", "caption", "reference"?, "faces"?} per line.
+    """Real clips from a JSONL manifest: {"video", "caption", "reference"?, "faces"?, "prompt_embeds"?,
+    "empty_prompt_embeds"?} per line.
 
     `frames` must be 1 + tau k (the VAE's valid counts); `faces` is an .npz written by
     `faces.py landmarks` with `landmarks` [F_src, 5, 2] in source pixels and `present` [F_src].
-    An unreadable or too-short entry yields None; `collate` drops it and counts it.
+    `prompt_embeds` is a precomputed-embeddings file (text.load_prompt_embeds; all lines or none),
+    passed through with the empty prompt's (`empty_prompt_embeds`, default text.EMPTY_EMBEDS beside it).
+    An unreadable or too-short entry yields an error item; `collate` drops it and counts it.
     """
 
     def __init__(self, manifest: str | os.PathLike, frames: int, size: int, fps: float = 24.0, train: bool = True, seed: int = 0):
@@ -118,12 +126,21 @@ class ManifestDataset(torch.utils.data.Dataset):
             item = json.loads(line)
             if "video" not in item or "caption" not in item:
                 raise ValueError(f"{manifest}:{n}: each line needs \"video\" and \"caption\"")
-            for key in ("video", "reference", "faces"):
+            for key in ("video", "reference", "faces", "prompt_embeds", "empty_prompt_embeds"):
                 if key in item and not os.path.isabs(item[key]):
                     item[key] = str(root / item[key])
+            if "prompt_embeds" in item:
+                item["empty_prompt_embeds"] = str(empty_embeds_path(item["prompt_embeds"], item.get("empty_prompt_embeds")))
+                for key in ("prompt_embeds", "empty_prompt_embeds"):
+                    if not os.path.isfile(item[key]):  # checked up front: a missing file would skip every clip
+                        raise FileNotFoundError(f"{manifest}:{n}: {key} file not found: {item[key]} "
+                                                f"(write them with `python ltx2.py encode-prompts`)")
             self.items.append(item)
         if not self.items:
             raise ValueError(f"manifest {manifest} lists no clips")
+        if len({"prompt_embeds" in item for item in self.items}) > 1:
+            raise ValueError(f"manifest {manifest}: give \"prompt_embeds\" on every line or on none")
+        self.cache = {}  # the empty prompt's embeddings, read once per file
         self.frames, self.size, self.fps, self.train, self.seed = frames, size, fps, train, seed
 
     def __len__(self):
@@ -148,6 +165,12 @@ class ManifestDataset(torch.utils.data.Dataset):
                 faces = np.load(item["faces"])
                 out["landmarks"] = crop_landmarks(torch.from_numpy(faces["landmarks"][idx]).float(), h, w, self.size)
                 out["face_present"] = torch.from_numpy(faces["present"][idx]).bool()
+            if "prompt_embeds" in item:
+                out["prompt_embeds"], out["prompt_attention_mask"] = load_prompt_embeds(item["prompt_embeds"])
+                empty = item["empty_prompt_embeds"]
+                if empty not in self.cache:
+                    self.cache[empty] = load_prompt_embeds(empty)
+                out["empty_prompt_embeds"], out["empty_prompt_attention_mask"] = self.cache[empty]
             return out
         except Exception as e:  # a broken file must never stop an epoch
             return {"error": f"{item['video']}: {e}"}
@@ -162,14 +185,20 @@ def crop_landmarks(lm: torch.Tensor, h: int, w: int, size: int) -> torch.Tensor:
 
 
 def collate(items: list[dict]) -> dict:
-    """Stack the readable items; report how many were skipped and why (first reason)."""
+    """Stack the readable items (prompt embeddings padded to the longest); report how many were
+    skipped and why (first reason)."""
     good = [it for it in items if "error" not in it]
     errors = [it["error"] for it in items if "error" in it]
     batch = {"skipped": len(errors), "errors": errors}
     if good:
+        padded = {k for pair in TEXT_PAIRS for k in pair}
         for key in good[0]:
             vals = [it[key] for it in good]
-            batch[key] = vals if isinstance(vals[0], str) else torch.stack(vals)
+            if key not in padded:
+                batch[key] = vals if isinstance(vals[0], str) else torch.stack(vals)
+        for emb, mask in TEXT_PAIRS:
+            if emb in good[0]:
+                batch[emb], batch[mask] = pad_prompt_embeds([it[emb] for it in good], [it[mask] for it in good])
     return batch
 
 

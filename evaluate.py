@@ -47,7 +47,7 @@ from torch import nn
 import checkpoint
 import faces
 from cli import flag
-from data import AV_SUFFIXES, PIL_SUFFIXES, load_image, read_frames, resize_center_crop, to_tensor
+from data import AV_SUFFIXES, PIL_SUFFIXES, contact_sheet, load_image, read_frames, resize_center_crop, to_tensor
 from faces import SynthNetConfig, conv_stack, embed_faces, resize_frames
 from sample import generate
 from synth import ACTIONS, SCENES, SynthWorld, parse_prompt
@@ -264,17 +264,39 @@ def markdown_table(rows: dict[str, dict]) -> str:
 # ----------------------------------------------------------------------------- benchmark on the synthetic world
 
 def benchmark(judges: Judges, ckpt, n: int = 32, steps: int = 20, s_y: float = 5.0, s_r: float = 7.5,
-              seed: int = 0, device="cpu") -> dict[str, dict]:
+              seed: int = 0, device="cpu", sheet: str | None = None, sheet_rows: int = 4) -> dict[str, dict]:
     """The synthetic test set (held-out identities, cross-clip references, template prompts):
-    its ground-truth clips ("real videos") and the model's videos, each summarised."""
+    its ground-truth clips ("real videos") and the model's videos, each summarised. `sheet`:
+    a PNG of the first sheet_rows clips, each generated row above the real clip of its identity."""
     pipe, _ = checkpoint.load(ckpt, device)
     batch = SynthWorld().sample(n, "test", pipe.frames, pipe.size, "cross", seed=seed)
     start = time.perf_counter()
     videos = torch.stack([generate(pipe, batch["ref"][b], batch["prompt"][b], s_y, s_r, steps, seed + b, progress=False).cpu()
                           for b in range(n)])
     print(f"generated {n} videos in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    if sheet:
+        rows = [row for b in range(min(n, sheet_rows)) for row in
+                ((batch["ref"][b], videos[b].float(), f"generated: {batch['prompt'][b]}"),
+                 (batch["ref"][b], batch["video"][b], "real clip of the same identity"))]
+        Path(sheet).parent.mkdir(parents=True, exist_ok=True)
+        contact_sheet(rows).save(sheet)
     return {"real videos": summarise(evaluate_videos(judges, batch["video"], batch["ref"], batch["prompt"])),
             f"ST-DRC ({Path(ckpt).name})": summarise(evaluate_videos(judges, videos.float(), batch["ref"], batch["prompt"]))}
+
+
+@torch.no_grad()
+def reconstruction(vae, n: int = 64, size: int = 32, frames: int = 9, seed: int = 0, batch: int = 16) -> dict:
+    """The VAE on held-out clips and reference images of the synthetic world: PSNR (dB, pixel
+    range [-1, 1], so peak-to-peak 2) and mean absolute error of decode(encode(x)), the mean."""
+    world, sums = SynthWorld(), {"video": [0.0, 0.0], "image": [0.0, 0.0]}
+    for start in range(0, n, batch):
+        b = world.sample(min(batch, n - start), "test", frames, size, "cross", seed=seed + start)
+        for kind, x in (("video", b["video"]), ("image", b["ref"])):
+            err = vae.decode(vae.encode(x)).reshape(x.shape) - x
+            sums[kind][0] += err.pow(2).mean().item() * len(x)
+            sums[kind][1] += err.abs().mean().item() * len(x)
+    return {f"{stat}_{kind}": value for kind, (mse, l1) in sums.items()
+            for stat, value in (("psnr", 10 * math.log10(4 / (mse / n))), ("l1", l1 / n))}
 
 
 # ----------------------------------------------------------------------------- training the classifiers
@@ -355,6 +377,7 @@ def read_videos(paths: list[str], refs: list[str], prompts: list[str]):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--benchmark", action="store_true", help="generate the synthetic test set with --ckpt and score it")
+    p.add_argument("--recon", action="store_true", help="the VAE of --ckpt on --n held-out clips and images: PSNR and L1")
     p.add_argument("--ckpt", default=None, help="checkpoint folder or run folder (train.py) for --benchmark")
     p.add_argument("--n", type=int, default=32, help="test clips")
     p.add_argument("--steps", type=int, default=20, help="sampling steps")
@@ -365,6 +388,8 @@ def main(argv=None) -> int:
     p.add_argument("--refs", nargs="+", default=[], help="reference image per video (or one for all)")
     p.add_argument("--prompts", nargs="+", default=[], help="prompt per video (or one for all)")
     p.add_argument("--out", default="out/evaluation", help="writes OUT.json and OUT.md")
+    p.add_argument("--sheet", default=None, help="--benchmark: PNG of generated rows above the real clips of their identities")
+    p.add_argument("--sheet-rows", type=int, default=4, help="--benchmark: test clips shown in --sheet")
     p.add_argument("--face-model", default=str(faces.SYNTH_FACE_MODEL), help="synthetic face detector + embedder folder")
     p.add_argument("--face-onnx", default=None, help="InsightFace ArcFace .onnx to embed faces with instead")
     p.add_argument("--world-model", default=str(WORLD_MODEL), help="scene and action classifier folder")
@@ -379,14 +404,23 @@ def main(argv=None) -> int:
         cfg = WorldTrainConfig(args.world_model, args.face_model, args.train_steps, args.clips, seed=args.seed)
         print(json.dumps({k: v for k, v in train_world_models(cfg).items() if k != "config"}, indent=2))
         return 0
-    if not args.benchmark and not args.videos:
-        p.error("pass --benchmark --ckpt PATH, --videos ... or --train-classifiers")
-    if args.benchmark and not args.ckpt:
-        p.error("--benchmark needs --ckpt")
+    if not args.benchmark and not args.recon and not args.videos:
+        p.error("pass --benchmark --ckpt PATH, --recon --ckpt PATH, --videos ... or --train-classifiers")
+    if (args.benchmark or args.recon) and not args.ckpt:
+        p.error("--benchmark and --recon need --ckpt")
+    if args.recon:
+        try:
+            pipe, _ = checkpoint.load(args.ckpt)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"evaluate.py: {e}", file=sys.stderr)
+            return 2
+        print(json.dumps(reconstruction(pipe.vae.eval(), args.n, pipe.size, pipe.frames, args.seed), indent=2))
+        return 0
     try:
         judges = load_judges(args.face_model, args.world_model, args.face_onnx)
         if args.benchmark:
-            rows = benchmark(judges, args.ckpt, args.n, args.steps, args.s_text, args.s_ref, args.seed, args.device)
+            rows = benchmark(judges, args.ckpt, args.n, args.steps, args.s_text, args.s_ref, args.seed, args.device,
+                             args.sheet, args.sheet_rows)
         else:
             per_video = [evaluate_videos(judges, *item) for item in read_videos(args.videos, args.refs, args.prompts)]
             rows = {"videos": summarise({k: torch.cat([m[k] for m in per_video]) for k in per_video[0]})}

@@ -1,9 +1,21 @@
-"""LTX-2.3's video branch in model.py: checkpoint conversion and a memory plan.
+"""LTX-2.3's video branch in model.py: checkpoint conversion, the LTX-2 VAE, prompt embeddings, a memory plan.
 
 `load_ltx2(path)` reads an LTX-2.3 transformer checkpoint (safetensors, diffusers' key layout or the
-official single-file one) into `DiT(CONFIGS["ltx2-video"])`. The model is built on the meta device
-and each tensor is read from the memory-mapped file only when its parameter is assigned, so a
-48-layer checkpoint never needs two copies in memory; the audio branch is never read.
+official single-file one; one file or diffusers' shards) into `DiT(CONFIGS["ltx2-video"])`. The model
+is built on the meta device and each tensor is read from the memory-mapped file only when its
+parameter is assigned, so a 48-layer checkpoint never needs two copies in memory; the audio branch is
+never read. `build_pipeline` puts it in the project's Pipeline (train.py --config ltx2 --init,
+sample.py --ckpt): the DiT from a diffusers folder (config.json + diffusion_pytorch_model*.safetensors,
+or a whole pipeline folder: its transformer/ and vae/) or one .safetensors file (then the full
+ltx2-video shape and the "split" RoPE layout); `LTX2VAE` wraps diffusers' AutoencoderKLLTX2Video
+behind VideoVAE's interface; no text encoder: the DiT reads precomputed prompt embeddings.
+
+Prompt embeddings (`python ltx2.py encode-prompts --manifest m.jsonl --gemma PATH`): each distinct
+caption goes through LTX-2.3's prompt encoding as diffusers' LTX2Pipeline runs it (Gemma 3 hidden
+states of every layer -> the video text connector), written as text.load_prompt_embeds reads it,
+plus the empty prompt's (text.EMPTY_EMBEDS), and a copy of the manifest with "prompt_embeds" fields.
+PATH is a local diffusers LTX-2.3 pipeline folder (model_index.json, text_encoder/, tokenizer/,
+connectors/); the `transformers` package runs Gemma.
 
 Key map (diffusers -> model.py; `N` a block index). Official single-file names are first renamed to
 diffusers' (as diffusers' own single-file loader does): prefix `model.diffusion_model.` dropped
@@ -48,13 +60,22 @@ allocator fragmentation are not counted: keep ~10 % headroom.
     python ltx2.py memory-plan [--frames 121 --height 512 --width 768 --batch 32]
 """
 import argparse
+import contextlib
+import json
 import math
+import os
 import re
-from collections.abc import Mapping
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+import torch.nn as nn
 
-from model import CONFIGS, DiT, DiTConfig, rope_table
+from model import CONFIGS, DiT, DiTConfig, rope_table, with_overrides
+from text import EMPTY_EMBEDS, EMPTY_PROMPT
+from vae import CausalShapes
 
 OFFICIAL_RENAMES = [  # official single-file -> diffusers (regex, replacement)
     (r"^model\.diffusion_model\.", ""),
@@ -177,19 +198,19 @@ def convert_state_dict(checkpoint: Mapping, cfg: DiTConfig, rope_type: str = "sp
 
 
 class LazySafetensors(Mapping):
-    """A safetensors file as a read-only mapping; a tensor is read (memory-mapped) on access."""
+    """Open safetensors files as one read-only mapping; a tensor is read (memory-mapped) on access."""
 
-    def __init__(self, handle):
-        self.handle = handle
+    def __init__(self, *handles):
+        self.where = {key: handle for handle in handles for key in handle.keys()}
 
     def __getitem__(self, key):
-        return self.handle.get_tensor(key)
+        return self.where[key].get_tensor(key)
 
     def __iter__(self):
-        return iter(self.handle.keys())
+        return iter(self.where)
 
     def __len__(self):
-        return len(self.handle.keys())
+        return len(self.where)
 
 
 def load_dit(checkpoint: Mapping, cfg: DiTConfig, rope_type: str = "split") -> DiT:
@@ -201,11 +222,222 @@ def load_dit(checkpoint: Mapping, cfg: DiTConfig, rope_type: str = "split") -> D
     return model
 
 
-def load_ltx2(path: str, cfg: DiTConfig = CONFIGS["ltx2-video"], rope_type: str = "split") -> DiT:
-    """An LTX-2.3 checkpoint file (.safetensors) -> model.py's DiT, in the checkpoint's dtype."""
+def load_ltx2(path: str | os.PathLike | list, cfg: DiTConfig = CONFIGS["ltx2-video"], rope_type: str = "split") -> DiT:
+    """An LTX-2.3 checkpoint (a .safetensors file, or a list of diffusers' shards) -> model.py's DiT,
+    in the checkpoint's dtype."""
     from safetensors import safe_open
-    with safe_open(path, framework="pt") as handle:
-        return load_dit(LazySafetensors(handle), cfg, rope_type)
+    paths = path if isinstance(path, (list, tuple)) else [path]
+    with contextlib.ExitStack() as stack:
+        handles = [stack.enter_context(safe_open(str(p), framework="pt")) for p in paths]
+        return load_dit(LazySafetensors(*handles), cfg, rope_type)
+
+
+# ----------------------------------------------------------------------------- the LTX-2 VAE
+
+DOWNSAMPLE_FACTORS = {"conv": (2, 2), "spatial": (1, 2), "temporal": (2, 1), "spatiotemporal": (2, 2)}  # (time, space)
+
+
+def vae_factors(config: Mapping) -> tuple[int, int]:
+    """(tau, spatial) of an AutoencoderKLLTX2Video config, from its encoder blocks: patch sizes times
+    the downsample of every scaling block (diffusers' default `*_compression_ratio` counts 2x in both
+    time and space for every block, 64/16 for LTX-2's 32/8 unless the config sets them)."""
+    scaling = config["spatio_temporal_scaling"]
+    blocks = len(config["layers_per_block"]) - 1
+    scaling = [scaling] * blocks if isinstance(scaling, bool) else list(scaling)
+    tau, spatial = config["patch_size_t"], config["patch_size"]
+    for on, kind in zip(scaling, config["downsample_type"]):
+        if on:
+            tau, spatial = tau * DOWNSAMPLE_FACTORS[kind][0], spatial * DOWNSAMPLE_FACTORS[kind][1]
+    return tau, spatial
+
+
+def normalise_latents(z, mean, std, scaling: float = 1.0):
+    """(z - latents_mean) * scaling_factor / latents_std per channel (LTX2Pipeline._normalize_latents)."""
+    return (z - mean.view(1, -1, 1, 1, 1).to(z)) * scaling / std.view(1, -1, 1, 1, 1).to(z)
+
+
+def denormalise_latents(z, mean, std, scaling: float = 1.0):
+    """The inverse: z * latents_std / scaling_factor + latents_mean (LTX2Pipeline._denormalize_latents)."""
+    return z * std.view(1, -1, 1, 1, 1).to(z) / scaling + mean.view(1, -1, 1, 1, 1).to(z)
+
+
+@dataclass
+class LTX2VAEConfig:
+    """An LTX2VAE's config: diffusers' AutoencoderKLLTX2Video config (rebuilds it) and VideoVAE's shape fields."""
+    diffusers: dict
+    in_channels: int = 3
+    latent_channels: int = 128
+    spatial: int = 32  # s: H, W -> H/s, W/s
+    tau: int = 8  # 1 + tau k frames -> 1 + k latent frames
+    kind: str = "ltx2"  # checkpoint.vae_from_config builds an LTX2VAE for this kind
+
+
+class LTX2VAE(CausalShapes, nn.Module):
+    """diffusers' AutoencoderKLLTX2Video behind VideoVAE's interface: encode -> normalised latents (the
+    posterior mode, as LTX-2's pipelines encode images), decode <- them; the per-channel statistics
+    are the checkpoint's `latents_mean` / `latents_std` buffers and config.scaling_factor."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+        c = dict(vae.config)
+        tau, spatial = vae_factors(c)
+        for name, value, given in (("temporal", tau, c.get("temporal_compression_ratio")),
+                                   ("spatial", spatial, c.get("spatial_compression_ratio"))):
+            if given not in (None, value):
+                raise ValueError(f"AutoencoderKLLTX2Video config says {name}_compression_ratio={given} but its "
+                                 f"encoder blocks give {value}")
+        self.config = LTX2VAEConfig({k: v for k, v in c.items() if not k.startswith("_")}, c["in_channels"],
+                                    c["latent_channels"], spatial, tau)
+
+    @classmethod
+    def from_config(cls, cfg: Mapping) -> "LTX2VAE":
+        """Rebuild (random weights) from an LTX2VAEConfig as a dict, e.g. a checkpoint's config.json."""
+        from diffusers import AutoencoderKLLTX2Video
+        return cls(AutoencoderKLLTX2Video.from_config(cfg["diffusers"]))
+
+    def encode(self, x: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Pixels [B, 3, 1 + tau k, H, W] (or an image [B, 3, H, W]) in [-1, 1] -> [B, C, 1 + k, H/s, W/s]."""
+        dist = self.vae.encode(self._as_video(x).to(self.vae.dtype)).latent_dist
+        z = dist.sample(generator) if sample else dist.mode()
+        return normalise_latents(z.float(), self.vae.latents_mean, self.vae.latents_std, self.vae.config.scaling_factor)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Normalised latents [B, C, T, h, w] -> pixels [B, 3, 1 + tau (T - 1), h s, w s]."""
+        z = denormalise_latents(self._as_latents(z), self.vae.latents_mean, self.vae.latents_std,
+                                self.vae.config.scaling_factor).to(self.vae.dtype)
+        # a timestep-conditioned decoder gets LTX2Pipeline's default decode_timestep 0 (and so no decode noise)
+        temb = torch.zeros(z.shape[0], device=z.device, dtype=z.dtype) if self.vae.config.timestep_conditioning else None
+        return self.vae.decode(z, temb).sample.float()
+
+
+def load_vae(path: str | os.PathLike) -> LTX2VAE:
+    """A diffusers AutoencoderKLLTX2Video folder (or a pipeline folder: its vae/) -> LTX2VAE."""
+    p = Path(path) if path else None
+    if p is not None and (p / "vae" / "config.json").is_file():
+        p = p / "vae"
+    config = json.loads((p / "config.json").read_text()) if p is not None and (p / "config.json").is_file() else {}
+    if config.get("_class_name") != "AutoencoderKLLTX2Video":
+        raise FileNotFoundError(f"no LTX-2 VAE at {path or '(none given)'}: pass --vae <folder with "
+                                f"AutoencoderKLLTX2Video's config.json and diffusion_pytorch_model.safetensors> "
+                                f"(the vae/ folder of a diffusers LTX-2 pipeline)")
+    from diffusers import AutoencoderKLLTX2Video
+    return LTX2VAE(AutoencoderKLLTX2Video.from_pretrained(str(p)).eval())
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+LTX2_SIZE, LTX2_FRAMES, LTX2_FPS = 512, 121, 24.0  # defaults: LTX-2's 121 frames at 24 fps; square frames
+
+
+def find_transformer(path: str | os.PathLike) -> tuple[list[Path], dict | None] | None:
+    """An LTX-2.3 transformer checkpoint -> (its safetensors files, diffusers' config or None for one
+    file); None when `path` is not one (e.g. a checkpoint folder written by train.py)."""
+    p = Path(path)
+    if (p / "transformer" / "config.json").is_file():  # a diffusers pipeline folder
+        p = p / "transformer"
+    if p.is_file() and p.suffix == ".safetensors":
+        return [p], None
+    if not (p / "config.json").is_file():
+        return None
+    config = json.loads((p / "config.json").read_text())
+    if config.get("_class_name") != "LTX2VideoTransformer3DModel":
+        return None
+    index = p / "diffusion_pytorch_model.safetensors.index.json"
+    if index.is_file():  # diffusers' shards
+        files = [p / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    else:
+        files = [p / "diffusion_pytorch_model.safetensors"]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"LTX-2.3 transformer at {p}: weights missing: {missing}")
+    return files, config
+
+
+def build_pipeline(transformer: str | os.PathLike, vae: str | os.PathLike = "", size: int = 0, frames: int = 0,
+                   fps: float = LTX2_FPS, dtype: torch.dtype = torch.float32, **dit_overrides):
+    """An LTX-2.3 transformer checkpoint + the LTX-2 VAE (`vae`, default: the pipeline folder's vae/)
+    -> checkpoint.Pipeline without a text encoder (precomputed prompt embeddings), DiT in `dtype`."""
+    from checkpoint import Pipeline
+
+    found = find_transformer(transformer)
+    if found is None:
+        raise ValueError(f"{transformer} is not an LTX-2.3 transformer checkpoint (a diffusers folder with "
+                         f"LTX2VideoTransformer3DModel's config.json, or a .safetensors file)")
+    files, config = found
+    cfg, rope_type = dit_config_from_diffusers(config) if config is not None else (CONFIGS["ltx2-video"], "split")
+    cfg = with_overrides(cfg, fps=fps, **dit_overrides)
+    if not vae and (Path(transformer) / "vae").is_dir():
+        vae = Path(transformer) / "vae"
+    autoencoder = load_vae(vae)
+    if autoencoder.config.latent_channels != cfg.in_channels:
+        raise ValueError(f"the LTX-2 VAE at {vae} has {autoencoder.config.latent_channels} latent channels, "
+                         f"the transformer {cfg.in_channels}")
+    dit = load_ltx2(files, cfg, rope_type).to(dtype)
+    return Pipeline(autoencoder, None, dit, size or LTX2_SIZE, frames or LTX2_FRAMES, fps).check()
+
+
+# ----------------------------------------------------------------------------- prompt embeddings
+
+GEMMA_PARTS = ("model_index.json", "text_encoder", "tokenizer", "connectors")
+
+
+def save_prompt_embeds(path: Path, emb: torch.Tensor, mask: torch.Tensor) -> None:
+    from safetensors.torch import save_file
+    save_file({"prompt_embeds": emb.contiguous(), "prompt_attention_mask": mask.contiguous()}, str(path))
+
+
+def write_prompt_embeds(manifest: str | os.PathLike, out: str | os.PathLike,
+                        encode: Callable[[str], tuple[torch.Tensor, torch.Tensor]]) -> Path:
+    """Encode each distinct caption of a manifest and the empty prompt (encode(prompt) -> ([L, D], [L]));
+    write out/prompt_NNNNNN.safetensors, out/EMPTY_EMBEDS and `<manifest>.embeds.jsonl` beside the
+    manifest: its lines with "prompt_embeds" (relative to it). Returns that manifest's path."""
+    manifest, out = Path(manifest), Path(out)
+    if not manifest.is_file():
+        raise FileNotFoundError(f"manifest not found: {manifest}")
+    items = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
+    if any("caption" not in item for item in items):
+        raise ValueError(f"{manifest}: every line needs a \"caption\"")
+    out.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for item in items:
+        if item["caption"] not in files:
+            files[item["caption"]] = out / f"prompt_{len(files):06d}.safetensors"
+            save_prompt_embeds(files[item["caption"]], *encode(item["caption"]))
+        item["prompt_embeds"] = os.path.relpath(files[item["caption"]], manifest.parent)
+    save_prompt_embeds(out / EMPTY_EMBEDS, *encode(EMPTY_PROMPT))
+    target = manifest.with_name(manifest.stem + ".embeds.jsonl")
+    target.write_text("".join(json.dumps(item) + "\n" for item in items))
+    return target
+
+
+def gemma_encoder(path: str | os.PathLike, device: str = "cpu", max_length: int = 1024):
+    """LTX-2.3's prompt encoding from a local diffusers LTX-2.3 pipeline folder -> encode(prompt) ->
+    (video prompt embeddings [L, D], mask [L]): LTX2Pipeline.encode_prompt (Gemma 3, every layer's hidden
+    states) then its video text connector, as LTX2Pipeline.__call__ runs them."""
+    p = Path(path)
+    missing = [part for part in GEMMA_PARTS if not (p / part).exists()]
+    if missing:
+        raise FileNotFoundError(f"no Gemma weights at {p} (missing {', '.join(missing)}): put a diffusers LTX-2.3 "
+                                f"pipeline folder there (model_index.json, text_encoder/ = Gemma 3, tokenizer/, "
+                                f"connectors/; e.g. Lightricks/LTX-2 downloaded where there is internet)")
+    try:
+        import transformers  # noqa: F401  (diffusers' LTX2Pipeline needs it for Gemma)
+        from diffusers import LTX2Pipeline
+    except ImportError as e:
+        raise ImportError(f"encoding prompts with Gemma needs diffusers and transformers ({e}): "
+                          f"pip install diffusers transformers") from None
+    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    pipe = LTX2Pipeline.from_pretrained(str(p), transformer=None, vae=None, audio_vae=None, vocoder=None,
+                                        torch_dtype=dtype).to(device)
+
+    @torch.no_grad()
+    def encode(prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        emb, mask, _, _ = pipe.encode_prompt(prompt, do_classifier_free_guidance=False,
+                                             max_sequence_length=max_length, device=device)
+        video, _, video_mask = pipe.connectors(emb, mask, padding_side=getattr(pipe.tokenizer, "padding_side", "left"))
+        return video[0].cpu(), video_mask[0].bool().cpu()
+    return encode
 
 
 def memory_plan(gpus: int, frames: int, height: int, width: int, batch: int,
@@ -226,15 +458,7 @@ def memory_plan(gpus: int, frames: int, height: int, width: int, batch: int,
     return plan
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True)
-    m = sub.add_parser("memory-plan", help="memory per GPU for full fine-tuning of ltx2-video, 1-64 GPUs")
-    m.add_argument("--frames", type=int, default=121, help="pixel frames per clip (1 + 8k)")
-    m.add_argument("--height", type=int, default=512, help="pixel height")
-    m.add_argument("--width", type=int, default=768, help="pixel width")
-    m.add_argument("--batch", type=int, default=32, help="global batch (no gradient accumulation)")
-    args = p.parse_args()
+def print_memory_plan(args) -> None:
     plans = [memory_plan(g, args.frames, args.height, args.width, args.batch) for g in (1, 2, 4, 8, 16, 32, 64)]
     print(f"ltx2-video full fine-tune, {args.frames} frames {args.height}x{args.width}, global batch {args.batch}, "
           f"{plans[0]['tokens']} tokens per sample (video + reference); GiB per GPU")
@@ -249,5 +473,37 @@ def main():
               f"{ok[0] if ok else 'none up to 64'}")
 
 
+def encode_prompts(args) -> None:
+    encode = gemma_encoder(args.gemma, args.device, args.max_length)
+    out = Path(args.out) if args.out else Path(args.manifest).parent / "prompt_embeds"
+    target = write_prompt_embeds(args.manifest, out, encode)
+    print(f"wrote prompt embeddings to {out} and {target}; train with --data {target}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    m = sub.add_parser("memory-plan", help="memory per GPU for full fine-tuning of ltx2-video, 1-64 GPUs")
+    m.add_argument("--frames", type=int, default=121, help="pixel frames per clip (1 + 8k)")
+    m.add_argument("--height", type=int, default=512, help="pixel height")
+    m.add_argument("--width", type=int, default=768, help="pixel width")
+    m.add_argument("--batch", type=int, default=32, help="global batch (no gradient accumulation)")
+    e = sub.add_parser("encode-prompts", help="precompute LTX-2.3 prompt embeddings (Gemma 3 + text connector) "
+                                              "for a manifest's captions")
+    e.add_argument("--manifest", required=True, help="JSONL manifest with a \"caption\" per line")
+    e.add_argument("--gemma", required=True, help="local diffusers LTX-2.3 pipeline folder (model_index.json, "
+                                                 "text_encoder/, tokenizer/, connectors/)")
+    e.add_argument("--out", default="", help="folder for the embeddings (default: prompt_embeds/ beside the manifest)")
+    e.add_argument("--max-length", type=int, default=1024, help="Gemma tokens per prompt (LTX2Pipeline's default)")
+    e.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    args = p.parse_args(argv)
+    try:
+        (print_memory_plan if args.command == "memory-plan" else encode_prompts)(args)
+    except (FileNotFoundError, ValueError, ImportError) as err:
+        print(f"ltx2.py {args.command}: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

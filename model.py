@@ -56,11 +56,16 @@ CONFIGS = {
 }
 
 
+def with_overrides(cfg: DiTConfig, **overrides) -> DiTConfig:
+    """cfg with the given fields replaced; unknown names and None values are ignored."""
+    known = {f.name for f in fields(DiTConfig)}
+    return replace(cfg, **{k: v for k, v in overrides.items() if k in known and v is not None})
+
+
 def config_from(name: str, **overrides) -> DiTConfig:
     if name not in CONFIGS:
         raise ValueError(f"unknown DiT config {name!r}; choose one of {sorted(CONFIGS)}")
-    known = {f.name for f in fields(DiTConfig)}
-    return replace(CONFIGS[name], **{k: v for k, v in overrides.items() if k in known and v is not None})
+    return with_overrides(CONFIGS[name], **overrides)
 
 
 # ----------------------------------------------------------------------------- attention

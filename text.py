@@ -7,8 +7,15 @@ text is dropped (classifier-free guidance); it tokenises to just BOS, EOS.
 
 The encoder never attends to padding and zeroes its output there, so a prompt's embedding does
 not depend on how much padding follows it.
+
+Precomputed prompt embeddings (a larger model's text encoder, e.g. LTX-2.3's Gemma 3 + text
+connector, written by `python ltx2.py encode-prompts`) replace the encoder: a safetensors file with
+`prompt_embeds` [L, D] and `prompt_attention_mask` [L] per prompt; the empty prompt's, used when the
+text is dropped, sit beside them in `empty.safetensors` (EMPTY_EMBEDS).
 """
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -17,6 +24,7 @@ import torch.nn.functional as F
 BOS, EOS, PAD = 256, 257, 258
 VOCAB_SIZE = 259
 EMPTY_PROMPT = ""
+EMPTY_EMBEDS = "empty.safetensors"  # the empty prompt's precomputed embeddings, beside the prompts'
 
 
 def tokenize(prompts: list[str], max_len: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,3 +100,51 @@ class TextEncoder(nn.Module):
         device = self.pos_emb.device
         tokens, mask = tokens.to(device), mask.to(device)
         return self(tokens, mask), mask
+
+
+# ----------------------------------------------------------------------------- precomputed embeddings
+
+def load_prompt_embeds(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]:
+    """A precomputed-embeddings file -> (prompt_embeds [L, D] float32, prompt_attention_mask [L] bool)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt embeddings not found: {path} (write them with `python ltx2.py encode-prompts`)")
+    w = load_file(str(path))
+    if "prompt_embeds" not in w or "prompt_attention_mask" not in w:
+        raise ValueError(f"{path} needs tensors prompt_embeds [L, D] and prompt_attention_mask [L]; has {sorted(w)}")
+    emb, mask = w["prompt_embeds"], w["prompt_attention_mask"]
+    if emb.dim() == 3 and emb.shape[0] == 1:  # a batch of one, as diffusers' pipelines return it
+        emb, mask = emb[0], mask.reshape(mask.shape[-1])
+    if emb.dim() != 2 or tuple(mask.shape) != tuple(emb.shape[:1]):
+        raise ValueError(f"{path}: expected prompt_embeds [L, D] and prompt_attention_mask [L], "
+                         f"got {tuple(emb.shape)} and {tuple(mask.shape)}")
+    return emb.float(), mask.bool()
+
+
+def empty_embeds_path(prompt_embeds: str | os.PathLike, explicit: str | os.PathLike | None = None) -> Path:
+    """Where the empty prompt's embeddings are: `explicit`, or EMPTY_EMBEDS beside `prompt_embeds`."""
+    return Path(explicit) if explicit else Path(prompt_embeds).parent / EMPTY_EMBEDS
+
+
+def pad_prompt_embeds(embeds: list[torch.Tensor], masks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad [L_b, D] embeddings (zeros, mask False) to the longest: -> ([B, L, D], [B, L] bool)."""
+    L = max(e.shape[0] for e in embeds)
+    y = torch.stack([F.pad(e, (0, 0, 0, L - e.shape[0])) for e in embeds])
+    return y, torch.stack([F.pad(m.bool(), (0, L - m.shape[0])) for m in masks])
+
+
+def text_pair(emb, mask, empty_emb, empty_mask) -> tuple[torch.Tensor, ...]:
+    """A prompt's and the empty prompt's embeddings ([L, D], [L]) padded to one length -> (y, y_mask,
+    y_0, y_0_mask), [1, L', D] and [1, L'], as guidance.three_stream_velocity takes them."""
+    y, m = pad_prompt_embeds([emb, empty_emb], [mask, empty_mask])
+    return y[:1], m[:1], y[1:], m[1:]
+
+
+def check_text_width(y: torch.Tensor, text_dim: int) -> torch.Tensor:
+    """Precomputed embeddings [..., D] must come at the DiT's text width."""
+    if y.shape[-1] != text_dim:
+        raise ValueError(f"prompt embeddings are {y.shape[-1]} wide but the DiT's text_dim is {text_dim}: encode the "
+                         f"prompts with the text encoder this DiT was trained with (LTX-2.3: ltx2.py encode-prompts)")
+    return y

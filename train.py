@@ -3,6 +3,8 @@
     python train.py --stage vae --config tiny --out runs/vae
     python train.py --stage dit --config tiny --init runs/vae --ref none --out runs/base   # text-to-video base
     python train.py --stage dit --config tiny --init runs/base --out runs/stdrc              # ST-DRC fine-tune
+    python train.py --stage dit --config ltx2 --init LTX-2.3/transformer --vae LTX-2.3/vae --data clips.embeds.jsonl
+                                                    # ST-DRC on LTX-2.3 (prompt embeddings: ltx2.py encode-prompts)
     torchrun --nproc_per_node 2 train.py ...                                                # DDP (gloo on CPU)
 
 Every flag is a field of TrainConfig (`--help` lists them). Checkpoints: see checkpoint.py;
@@ -32,16 +34,23 @@ from cli import add_flags, config_from, flag
 import data
 from guidance import dropout_masks, shift_for_tokens, shift_time
 from losses import add_noise, clean_estimate, flow_loss, identity_loss, temporal_identity_loss, total_loss, w_aux
-from text import EMPTY_PROMPT, tokenize
+import ltx2
+from text import EMPTY_PROMPT, check_text_width, pad_prompt_embeds, text_pair, tokenize
 
 
 @dataclass
 class TrainConfig:
     stage: str = flag("dit", "vae: train the VAE then compute its latent statistics; dit: train text encoder + DiT")
-    config: str = flag("tiny", "model and world size preset: tiny (CPU tests) or small (the shipped demo)")
+    config: str = flag("tiny", "model and world size preset: tiny (CPU tests), small (the shipped demo), or ltx2 "
+                               "(LTX-2.3 weights from --init and --vae, precomputed prompt embeddings)")
     data: str = flag("synth", "'synth' for the synthetic world, or a JSONL manifest of real videos")
     out: str = flag("runs/exp", "run folder: checkpoints, metrics.jsonl, sample GIFs")
-    init: str = flag("", "checkpoint to start from (dit stage: a trained VAE or a base model)")
+    init: str = flag("", "checkpoint to start from (dit stage: a trained VAE or a base model; --config ltx2: an "
+                         "LTX-2.3 transformer, diffusers folder or .safetensors)")
+    vae: str = flag("", "--config ltx2: the LTX-2 VAE folder (diffusers AutoencoderKLLTX2Video); default: "
+                        "vae/ of the pipeline folder given to --init")
+    size: int = flag(0, "frame size in pixels (0: the preset's; ltx2: 512)")
+    frames: int = flag(0, "frames per clip, 1 + tau k (0: the preset's; ltx2: 121)")
     resume: bool = flag(False, "continue the run in --out from its latest checkpoint")
     ref: str = flag("tass", "reference RoPE placement (tass, shared, far, tass_t0) or 'none' for the text-to-video base")
     steps: int = flag(1000, "optimizer steps")
@@ -123,14 +132,16 @@ class VAETrainer(nn.Module):
 
 
 class Denoiser(nn.Module):
-    """Text encoder + DiT: what the dit stage trains (one module, so DDP/FSDP see both)."""
+    """Text encoder (None with precomputed prompt embeddings) + DiT: what the dit stage trains (one
+    module, so DDP/FSDP see both)."""
 
     def __init__(self, text, dit):
         super().__init__()
         self.text, self.dit = text, dit
 
-    def forward(self, tokens, mask, z_t, t, z_ref=None, ref_keep=None):
-        return self.dit(z_t, t, self.text(tokens, mask), mask, z_ref=z_ref, ref_keep=ref_keep)
+    def forward(self, tokens, mask, z_t, t, z_ref=None, ref_keep=None, embeds=None):
+        y = self.text(tokens, mask) if embeds is None else embeds
+        return self.dit(z_t, t, y, mask, z_ref=z_ref, ref_keep=ref_keep)
 
 
 def sample_t(batch: int, mu: float, g: torch.Generator) -> torch.Tensor:
@@ -177,17 +188,40 @@ def ema_update(ema: dict[str, torch.Tensor], module: nn.Module, decay: float):
 
 
 def build(cfg: TrainConfig, device) -> checkpoint.Pipeline:
-    """The pipeline: fresh for this preset, or from --init (which must be of the same preset)."""
-    pipe = checkpoint.build_pipeline(cfg.config, ref_mode=None if cfg.ref == "none" else cfg.ref,
-                                     attn_backend=cfg.attn, grad_checkpoint=cfg.grad_checkpoint)
-    if cfg.init:
-        src = checkpoint.resolve(cfg.init)
-        meta = json.loads((src / "config.json").read_text())
-        if meta.get("preset") != cfg.config:
-            sys.exit(f"train.py: --init {src} was trained with --config {meta.get('preset')}, not {cfg.config}; "
-                     f"pass --config {meta.get('preset')} or start from a checkpoint of {cfg.config}")
-        weights = checkpoint.load_file(str(src / "model.safetensors"))
-        checkpoint.load_state(pipe.modules(), weights, strict=False)
+    """The pipeline: fresh for this preset, from --init (a checkpoint of the same preset), or for
+    --config ltx2 from LTX-2.3 weights (or a checkpoint of an ltx2 run, rebuilt from its config)."""
+    overrides = dict(ref_mode=None if cfg.ref == "none" else cfg.ref, attn_backend=cfg.attn,
+                     grad_checkpoint=cfg.grad_checkpoint, fps=cfg.fps)
+    from_ltx2 = bool(cfg.init) and ltx2.find_transformer(cfg.init) is not None
+    if from_ltx2 and cfg.config != "ltx2":
+        sys.exit(f"train.py: --init {cfg.init} is an LTX-2.3 transformer checkpoint: pass --config ltx2")
+    if cfg.config == "ltx2" and cfg.stage == "vae":
+        sys.exit("train.py: --config ltx2 keeps the LTX-2 VAE frozen; --stage vae trains the project's own VAE")
+    if cfg.config == "ltx2" and not cfg.init:
+        sys.exit("train.py: --config ltx2 starts from LTX-2.3 weights: pass --init <LTX-2.3 transformer: diffusers "
+                 "folder or .safetensors> and --vae <LTX-2 VAE folder>")
+    try:
+        if from_ltx2:
+            pipe = ltx2.build_pipeline(cfg.init, cfg.vae, cfg.size, cfg.frames, **overrides)
+        else:
+            src = checkpoint.resolve(cfg.init) if cfg.init else None
+            meta = json.loads((src / "config.json").read_text()) if src else {"preset": cfg.config}
+            if meta.get("preset") != cfg.config:
+                sys.exit(f"train.py: --init {src} was trained with --config {meta.get('preset')}, not {cfg.config}; "
+                         f"pass --config {meta.get('preset')} or start from a checkpoint of {cfg.config}")
+            if cfg.config == "ltx2":  # a checkpoint of an ltx2 run describes its own pipeline
+                pipe, _ = checkpoint.load(src)
+                for name, value in overrides.items():  # runtime switches; the blocks share this config
+                    if value is not None:
+                        setattr(pipe.dit.cfg, name, value)
+            else:
+                pipe = checkpoint.build_pipeline(cfg.config, **overrides)
+                if src:
+                    checkpoint.load_state(pipe.modules(), checkpoint.load_file(str(src / "model.safetensors")), strict=False)
+            pipe.size, pipe.frames, pipe.fps = cfg.size or pipe.size, cfg.frames or pipe.frames, cfg.fps
+        pipe.check()
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"train.py: {e}")
     return pipe.to(device)
 
 
@@ -232,6 +266,30 @@ def vae_step(model, batch, autocast):
     return terms["total"], {k: v.item() for k, v in terms.items()}, batch["video"][:, 0].numel()  # tokens: pixels
 
 
+def drop_text_embeds(batch, keep_y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Text dropout (Sec. 3.4) on precomputed prompt embeddings: the empty prompt's where keep_y is
+    False; both padded to one length -> (y [B, L, D], mask [B, L])."""
+    B = keep_y.shape[0]
+    y, mask = pad_prompt_embeds([*batch["prompt_embeds"], *batch["empty_prompt_embeds"]],
+                                [*batch["prompt_attention_mask"], *batch["empty_prompt_attention_mask"]])
+    keep = keep_y.to(y.device)
+    return torch.where(keep[:, None, None], y[:B], y[B:]), torch.where(keep[:, None], mask[:B], mask[B:])
+
+
+def text_inputs(pipe, batch, keep_y):
+    """(tokens, mask, embeds) for the Denoiser: the batch's precomputed prompt embeddings when it has
+    them, else its prompts tokenised for the text encoder; the empty prompt where the text is dropped."""
+    if "prompt_embeds" in batch:
+        y, mask = drop_text_embeds(batch, keep_y)
+        return None, mask, check_text_width(y, pipe.dit.cfg.text_dim)
+    if pipe.text is None:
+        raise ValueError("this pipeline has no text encoder: train on a manifest whose lines carry \"prompt_embeds\" "
+                         "(python ltx2.py encode-prompts)")
+    prompts = [p if k else EMPTY_PROMPT for p, k in zip(batch["prompt"], keep_y.tolist())]
+    tokens, mask = tokenize(prompts, pipe.text.config.max_len)
+    return tokens, mask, None
+
+
 def dit_step(cfg, pipe, model, embedder, batch, g, autocast):
     device = batch["video"].device
     B = batch["video"].shape[0]
@@ -240,15 +298,15 @@ def dit_step(cfg, pipe, model, embedder, batch, g, autocast):
         ref_in = data.augment_reference(batch["ref"], g) if cfg.augment else batch["ref"]
         z_ref = pipe.vae.encode(ref_in)[:, :, 0] if cfg.ref != "none" else None
     keep_y, keep_r = dropout_masks(B, cfg.p_y, cfg.p_r, g)  # Sec. 3.4, independent dropout
-    prompts = [p if k else EMPTY_PROMPT for p, k in zip(batch["prompt"], keep_y.tolist())]
-    tokens, mask = tokenize(prompts, pipe.text.config.max_len)
+    tokens, mask, embeds = text_inputs(pipe, batch, keep_y)
     T, H, W = z_0.shape[2:]
     t = sample_t(B, shift_for_tokens(T * H * W), g).to(device)
     eps = torch.randn(z_0.shape, generator=g).to(device)
     z_t = add_noise(z_0, eps, t)
     keep_r = keep_r.to(device)
     with autocast:
-        v = model(tokens.to(device), mask.to(device), z_t, t, z_ref=z_ref, ref_keep=keep_r if z_ref is not None else None)
+        v = model(None if tokens is None else tokens.to(device), mask.to(device), z_t, t, z_ref=z_ref,
+                  ref_keep=keep_r if z_ref is not None else None, embeds=None if embeds is None else embeds.to(device))
     l_flow = flow_loss(v, z_0, eps)
     logs = {"l_flow": l_flow.mean().item(), "w_aux": w_aux(t, cfg.gamma).mean().item()}
     l_id = l_tic = None
@@ -362,7 +420,12 @@ def save(cfg, out, pipe, trained, opt, ema, step, next_batch):
 def write_sample(cfg, pipe, batch, path):
     from sample import generate
 
-    video = generate(pipe, batch["ref"][0] if cfg.ref != "none" else None, batch["prompt"][0], steps=20, progress=False)
+    text = None
+    if "prompt_embeds" in batch:
+        text = text_pair(*(batch[k][0] for k in ("prompt_embeds", "prompt_attention_mask", "empty_prompt_embeds",
+                                                  "empty_prompt_attention_mask")))
+    video = generate(pipe, batch["ref"][0] if cfg.ref != "none" else None, batch["prompt"][0], steps=20,
+                     progress=False, text=text)
     data.save_video(path, video, pipe.fps)
 
 

@@ -154,21 +154,17 @@ def _channel_view(v: torch.Tensor) -> torch.Tensor:
     return v.view(1, -1, 1, 1, 1)
 
 
-class VideoVAE(nn.Module):
-    def __init__(self, config: VAEConfig):
-        super().__init__()
-        self.config = config
-        self.encoder = build_encoder(config)
-        self.decoder = build_decoder(config)  # takes raw (unnormalised) latents
-        self.register_buffer("latent_mean", torch.zeros(config.latent_channels))
-        self.register_buffer("latent_std", torch.ones(config.latent_channels))
+class CausalShapes:
+    """Frame-count and shape checks of a causal video VAE (1 + tau k frames -> 1 + k latent frames,
+    spatial factor s), shared by VideoVAE and ltx2.LTX2VAE; `self.config` has in_channels, tau, spatial."""
 
     def latent_frames(self, frames: int) -> int:
         """1 + tau*k pixel frames -> 1 + k latent frames; any other count raises ValueError."""
         tau = self.config.tau
         if frames < 1 or (frames - 1) % tau:
             valid = ", ".join(str(1 + tau * k) for k in range(5))
-            raise ValueError(f"VideoVAE with tau={tau} needs 1 + {tau}k frames ({valid}, ...); got {frames} frames")
+            raise ValueError(f"{type(self).__name__} with tau={tau} needs 1 + {tau}k frames ({valid}, ...); "
+                             f"got {frames} frames")
         return 1 + (frames - 1) // tau
 
     def pixel_frames(self, latent_frames: int) -> int:
@@ -186,8 +182,24 @@ class VideoVAE(nn.Module):
         self.latent_frames(x.shape[2])
         s = self.config.spatial
         if x.shape[3] % s or x.shape[4] % s:
-            raise ValueError(f"VideoVAE with spatial factor {s} needs H and W divisible by {s}; got {x.shape[3]}x{x.shape[4]}")
+            raise ValueError(f"{type(self).__name__} with spatial factor {s} needs H and W divisible by {s}; "
+                             f"got {x.shape[3]}x{x.shape[4]}")
         return x
+
+    def _as_latents(self, z: torch.Tensor) -> torch.Tensor:
+        if z.dim() != 5 or z.shape[1] != self.config.latent_channels:
+            raise ValueError(f"expected latents [B, {self.config.latent_channels}, T, h, w], got {tuple(z.shape)}")
+        return z
+
+
+class VideoVAE(CausalShapes, nn.Module):
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = build_encoder(config)
+        self.decoder = build_decoder(config)  # takes raw (unnormalised) latents
+        self.register_buffer("latent_mean", torch.zeros(config.latent_channels))
+        self.register_buffer("latent_std", torch.ones(config.latent_channels))
 
     def encode_dist(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw posterior (mu, logvar), each [B, C, 1+k, H/s, W/s]."""
@@ -205,9 +217,7 @@ class VideoVAE(nn.Module):
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Normalised latents [B, C, T, h, w] -> pixels [B, 3, 1+tau*(T-1), h*s, w*s], roughly in [-1, 1]."""
-        if z.dim() != 5 or z.shape[1] != self.config.latent_channels:
-            raise ValueError(f"expected latents [B, {self.config.latent_channels}, T, h, w], got {tuple(z.shape)}")
-        return self.decoder(z * _channel_view(self.latent_std) + _channel_view(self.latent_mean))
+        return self.decoder(self._as_latents(z) * _channel_view(self.latent_std) + _channel_view(self.latent_mean))
 
     def loss(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Training losses on a clip or image batch: per-pixel L1 recon, per-latent-element KL, total."""

@@ -7,6 +7,7 @@ without a face are skipped and counted. Plus the command line on a tiny random c
 """
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -123,12 +124,20 @@ def test_benchmark_command_on_a_tiny_random_checkpoint(tmp_path, capsys):
     torch.manual_seed(0)
     checkpoint.save(tmp_path / "ckpt", checkpoint.build_pipeline("tiny"))
     out = tmp_path / "bench"
-    args = ["--benchmark", "--ckpt", str(tmp_path / "ckpt"), "--n", "2", "--steps", "2", "--out", str(out)]
+    args = ["--benchmark", "--ckpt", str(tmp_path / "ckpt"), "--n", "2", "--steps", "2", "--out", str(out),
+            "--sheet", str(tmp_path / "sheet.png")]
     assert evaluate.main(args) == 0
     rows = json.loads(out.with_suffix(".json").read_text())
     assert list(rows) == ["real videos", "ST-DRC (ckpt)"] and rows["real videos"]["videos"] == 2
     assert rows["real videos"]["face_sim"] > 0.5
     assert "| real videos |" in capsys.readouterr().out and out.with_suffix(".md").is_file()
+    # The sheet: generated / real rows for both clips, each 14 px of caption + 2x-scaled 32 px frames;
+    # the second row's cells are the test set's real clip, rendered here independently.
+    sheet = np.asarray(Image.open(tmp_path / "sheet.png").convert("RGB"))
+    assert sheet.shape == (4 * (14 + 64), 10 * 64, 3)
+    real = SynthWorld().sample(2, "test", 9, 32, "cross", seed=0)["video"][0]
+    cell = sheet[78 + 14: 78 + 14 + 64, 64 * 5: 64 * 6: 2][::2]  # frame 4 of the real clip, 1x
+    assert np.abs(cell.astype(int) - data.to_uint8(real[:, 4]).astype(int)).max() <= 1
 
 
 def test_videos_command(tmp_path, clips, capsys):
@@ -151,3 +160,18 @@ def test_world_classifier_training_end_to_end(tmp_path):
     assert scenes(torch.zeros(1, 3, 32, 32)).shape == (1, len(SCENES))
     with pytest.raises(FileNotFoundError, match="--train-classifiers --world-model"):
         evaluate.load_world_models(tmp_path / "none")
+
+
+def test_reconstruction_psnr_hand_value():
+    class Shifted:  # decode(encode(x)) = x + 0.1 everywhere: MSE 0.01, L1 0.1
+        def encode(self, x):
+            return x
+
+        def decode(self, z):
+            return z + 0.1
+
+    r = evaluate.reconstruction(Shifted(), n=5, batch=2)
+    assert set(r) == {"psnr_video", "l1_video", "psnr_image", "l1_image"}
+    for kind in ("video", "image"):
+        assert r[f"psnr_{kind}"] == pytest.approx(10 * np.log10(4 / 0.01), abs=1e-4)  # 26.02 dB
+        assert r[f"l1_{kind}"] == pytest.approx(0.1, abs=1e-6)

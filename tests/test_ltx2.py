@@ -105,3 +105,159 @@ def test_official_single_file_loads_lazily(tmp_path):
     for (name, a), (_, b) in zip(sorted(loaded.state_dict().items()), sorted(expected.state_dict().items())):
         assert torch.equal(a, b), name
     assert torch.equal(loaded.freqs, expected.freqs)
+
+
+# ----------------------------------------------------------------------------- the LTX-2 VAE, prompt embeddings, --init / --ckpt
+
+# patch 1 and diffusers' default downsamples (spatial, temporal, spatiotemporal, spatiotemporal): 8x in time and space
+TINY_VAE = dict(latent_channels=8, block_out_channels=(8, 8, 16, 16), decoder_block_out_channels=(8, 16, 32),
+                layers_per_block=(1, 1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1), patch_size=1, scaling_factor=0.8)
+
+
+def diffusers_vae():
+    torch.manual_seed(2)
+    vae = diffusers.AutoencoderKLLTX2Video(**TINY_VAE).eval()
+    with torch.no_grad():  # checkpoint statistics that are not the identity
+        vae.latents_mean.copy_(torch.randn(8))
+        vae.latents_std.copy_(torch.rand(8) + 0.5)
+    return vae
+
+
+def test_ltx2_vae_matches_diffusers_with_normalised_latents():
+    from ltx2 import LTX2VAE
+
+    ref = diffusers_vae()
+    vae = LTX2VAE(ref)
+    assert (vae.config.tau, vae.config.spatial, vae.config.latent_channels) == (8, 8, 8)
+    mean, std = ref.latents_mean.view(1, 8, 1, 1, 1), ref.latents_std.view(1, 8, 1, 1, 1)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        image = torch.rand(2, 3, 16, 24, generator=g) * 2 - 1
+        assert vae.encode(image).shape == (2, 8, 1, 2, 3)  # one image -> one latent frame
+        for frames, latent in ((9, 2), (17, 3)):  # 1 + 8k -> 1 + k
+            x = torch.rand(2, 3, frames, 16, 16, generator=g) * 2 - 1
+            z = vae.encode(x)
+            assert z.shape == (2, 8, latent, 2, 2)
+            expected = (ref.encode(x).latent_dist.mode() - mean) * 0.8 / std  # LTX-2's normalisation, written out
+            torch.testing.assert_close(z, expected, rtol=1e-5, atol=1e-5)
+            out = vae.decode(z)
+            assert out.shape == x.shape
+            torch.testing.assert_close(out, ref.decode(z * std / 0.8 + mean).sample, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"tau=8 needs 1 \+ 8k frames \(1, 9, 17.*got 8 frames"):
+        vae.encode(torch.zeros(1, 3, 8, 16, 16))
+    with pytest.raises(ValueError, match="divisible by 8; got 12x16"):
+        vae.encode(torch.zeros(1, 3, 1, 12, 16))
+
+
+def test_encode_prompts_without_gemma_is_one_clear_error(tmp_path, capsys):
+    import ltx2
+
+    (tmp_path / "m.jsonl").write_text('{"video": "a.mp4", "caption": "a person nods"}\n')
+    assert ltx2.main(["encode-prompts", "--manifest", str(tmp_path / "m.jsonl"), "--gemma", str(tmp_path / "gemma")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"no Gemma weights at {tmp_path / 'gemma'}" in err
+    assert "text_encoder/" in err and "connectors/" in err
+
+
+def fake_encoder(width: int):
+    """A stand-in for Gemma + the connector: fixed random embeddings per prompt, lengths 5-7, the last one padded."""
+    def encode(prompt):
+        g = torch.Generator().manual_seed(len(prompt))
+        L = 5 + len(prompt) % 3
+        mask = torch.ones(L, dtype=torch.bool)
+        mask[-1] = False
+        return torch.randn(L, width, generator=g), mask
+    return encode
+
+
+@pytest.fixture(scope="module")
+def ltx2_world(tmp_path_factory):
+    """A diffusers LTX-2.3 pipeline folder (tiny transformer/ and vae/ written by save_pretrained), a
+    manifest of two GIF clips with precomputed prompt embeddings, and a reference image."""
+    import numpy as np
+    from PIL import Image
+
+    import data
+    from ltx2 import write_prompt_embeds
+
+    root = tmp_path_factory.mktemp("ltx2")
+    transformer = diffusers_ltx2("split", False)
+    transformer.save_pretrained(root / "pipe" / "transformer")
+    diffusers_vae().save_pretrained(root / "pipe" / "vae")
+    g = torch.Generator().manual_seed(4)
+    lines = []
+    for k, caption in enumerate(["a person nods on the beach", "a person turns left"]):
+        data.save_video(root / f"clip{k}.gif", torch.rand(3, 12, 16, 16, generator=g) * 2 - 1, fps=8)
+        lines.append(f'{{"video": "clip{k}.gif", "caption": "{caption}"}}\n')
+    (root / "m.jsonl").write_text("".join(lines))
+    manifest = write_prompt_embeds(root / "m.jsonl", root / "embeds", fake_encoder(32))
+    Image.fromarray(np.full((20, 20, 3), 120, np.uint8)).save(root / "face.png")
+    return root, transformer, manifest
+
+
+def test_write_prompt_embeds_round_trips_through_the_manifest(ltx2_world):
+    import data
+
+    root, _, manifest = ltx2_world
+    batch = data.collate([data.ManifestDataset(manifest, 9, 16, fps=8, train=False)[k] for k in range(2)])
+    encode = fake_encoder(32)
+    for b, caption in enumerate(batch["prompt"]):
+        emb, mask = encode(caption)
+        L = emb.shape[0]
+        assert torch.equal(batch["prompt_embeds"][b, :L], emb) and torch.equal(batch["prompt_attention_mask"][b, :L], mask)
+        assert not batch["prompt_attention_mask"][b, L:].any() and not batch["prompt_embeds"][b, L:].any()  # padding
+        assert torch.equal(batch["empty_prompt_embeds"][b, :5], encode("")[0])  # "" -> 5 tokens
+    import train
+    y, mask = train.drop_text_embeds(batch, torch.tensor([True, False]))  # sample 1's text dropped
+    (emb, m), (empty, empty_mask) = encode(batch["prompt"][0]), encode("")
+    assert y.shape[1] == max(emb.shape[0], 5, batch["prompt_embeds"].shape[1])
+    assert torch.equal(y[0, :emb.shape[0]], emb) and torch.equal(mask[0, :emb.shape[0]], m) and not mask[0, emb.shape[0]:].any()
+    assert torch.equal(y[1, :5], empty) and torch.equal(mask[1, :5], empty_mask) and not mask[1, 5:].any()
+
+
+def test_ltx2_init_trains_and_samples(ltx2_world, tmp_path, capsys):
+    import json
+
+    import data
+    import sample
+    import train
+
+    root, transformer, manifest = ltx2_world
+    args = ["--stage", "dit", "--config", "ltx2", "--init", str(root / "pipe" / "transformer"), "--data", str(manifest),
+            "--size", "16", "--frames", "9", "--fps", "8", "--batch", "2", "--workers", "0",
+            "--no-progress", "--out", str(tmp_path / "run")]
+    with pytest.raises(SystemExit, match="no LTX-2 VAE at"):
+        train.build(train.parse_args(args), torch.device("cpu"))
+    args += ["--vae", str(root / "pipe" / "vae")]
+    pipe = train.build(train.parse_args(args), torch.device("cpu"))  # the pipeline train.py --init builds
+    cfg, _ = dit_config_from_diffusers(transformer.config)
+    expected = convert_state_dict(transformer.state_dict(), cfg)
+    assert pipe.text is None and pipe.dit.state_dict().keys() == expected.keys()
+    assert all(torch.equal(pipe.dit.state_dict()[k], expected[k]) for k in expected)
+    assert torch.equal(pipe.dit.patchify.weight, transformer.proj_in.weight)
+    assert pipe.dit.cfg.fps == 8.0 and pipe.dit.cfg.rope == "ltx2"
+
+    run = train.train(train.parse_args(args + ["--steps", "1"]))  # one training step through the same path
+    train.train(train.parse_args(args + ["--steps", "2", "--resume"]))  # a second one, rebuilt from its checkpoint
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+
+    embeds = str(root / "embeds" / "prompt_000000.safetensors")
+    loaded = sample.load_pipeline(sample.parse_args(["--ckpt", str(root / "pipe"), "--size", "16", "--frames", "9",
+                                                     "--device", "cpu"]))  # a pipeline folder: transformer/ + vae/
+    video = sample.generate(loaded, data.load_image(root / "face.png", 16), "", steps=2, progress=False,
+                            text=sample.load_text(loaded, embeds))
+    assert video.shape == (3, 9, 16, 16) and torch.isfinite(video).all()
+    for ckpt in (root / "pipe" / "transformer", run):  # LTX-2.3 weights, and the checkpoint the training step wrote
+        out = tmp_path / f"{ckpt.name}.gif"
+        assert sample.main(["--ckpt", str(ckpt), "--vae", str(root / "pipe" / "vae"), "--prompt-embeds", embeds,
+                            "--ref", str(root / "face.png"), "--size", "16", "--frames", "9", "--steps", "2",
+                            "--device", "cpu", "--out", str(out)]) == 0
+        assert data.read_frames(out)[0].shape == (9, 16, 16, 3)
+
+    from safetensors.torch import save_file
+    save_file({"prompt_embeds": torch.zeros(4, 24), "prompt_attention_mask": torch.ones(4, dtype=torch.bool)},
+              str(root / "embeds" / "narrow.safetensors"))
+    assert sample.main(["--ckpt", str(root / "pipe"), "--prompt-embeds", str(root / "embeds" / "narrow.safetensors"),
+                        "--size", "16", "--frames", "9", "--out", str(tmp_path / "x.gif")]) == 2
+    assert "prompt embeddings are 24 wide but the DiT's text_dim is 32" in capsys.readouterr().err
