@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from model import DiT, DiTConfig, config_from
@@ -81,16 +82,19 @@ def vae_from_config(cfg: dict) -> nn.Module:
 
 
 def pipeline_from_config(cfg: dict) -> Pipeline:
+    """The pipeline a checkpoint's config describes, its DiT on the meta device (load_state(..., assign=True))."""
     text = None if cfg["text"] is None else TextEncoder(_dataclass(TextConfig, cfg["text"]))
-    return Pipeline(vae_from_config(cfg["vae"]), text, DiT(_dataclass(DiTConfig, cfg["dit"])), cfg["size"],
-                    cfg["frames"], cfg.get("fps", 8.0))
+    with torch.device("meta"):
+        dit = DiT(_dataclass(DiTConfig, cfg["dit"]))
+    return Pipeline(vae_from_config(cfg["vae"]), text, dit, cfg["size"], cfg["frames"], cfg.get("fps", 8.0))
 
 
 def state_dict(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
     return {f"{name}.{k}": v.detach().contiguous() for name, m in modules.items() for k, v in m.state_dict().items()}
 
 
-def load_state(modules: dict[str, nn.Module], weights: dict[str, torch.Tensor], strict: bool = True) -> None:
+def load_state(modules: dict[str, nn.Module], weights: dict[str, torch.Tensor], strict: bool = True,
+               assign: bool = False) -> None:
     for name, m in modules.items():
         part = {k[len(name) + 1:]: v for k, v in weights.items() if k.startswith(name + ".")}
         if not part and not strict:
@@ -102,7 +106,7 @@ def load_state(modules: dict[str, nn.Module], weights: dict[str, torch.Tensor], 
         if missing or unexpected or resized:
             raise ValueError(f"checkpoint does not fit the {name} module (a checkpoint of another config?): "
                              f"missing {missing[:3]}, unexpected {unexpected[:3]}, shape {resized[:3]}")
-        m.load_state_dict(part)
+        m.load_state_dict(part, assign=assign)
 
 
 def save(folder: str | os.PathLike, pipe: Pipeline, weights: dict[str, torch.Tensor] | None = None,
@@ -143,10 +147,14 @@ def resolve(path: str | os.PathLike) -> Path:
 
 
 def load(path: str | os.PathLike, device="cpu") -> tuple[Pipeline, dict]:
-    """Rebuild the pipeline a checkpoint folder describes and load its weights."""
+    """Rebuild the pipeline a checkpoint folder describes and load its weights: the DiT, built on the meta device,
+    takes the file's memory-mapped tensors (read where used, copy-on-write), so even a 13 B DiT is neither
+    initialised nor held twice."""
     path = resolve(path)
     cfg = json.loads((path / "config.json").read_text())
     pipe = pipeline_from_config(cfg)
-    weights = load_file(str(path / "model.safetensors"))
-    load_state(pipe.modules(), {k: v.float() for k, v in weights.items()})
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        weights = {k: f.get_tensor(k).float() for k in f.keys()}
+    load_state(pipe.modules(), weights, assign=True)
+    pipe.dit.reset_rope_table()
     return pipe.to(device), cfg

@@ -2,8 +2,8 @@
 
 `load_ltx2(path)` reads an LTX-2.3 transformer checkpoint (safetensors, diffusers' key layout or the
 official single-file one; one file or diffusers' shards) into `DiT(CONFIGS["ltx2-video"])`. The model
-is built on the meta device and each tensor is read from the memory-mapped file only when its
-parameter is assigned, so a 48-layer checkpoint never needs two copies in memory; the audio branch is
+is built on the meta device and each parameter is assigned its tensor memory-mapped from the file
+(read where used), so a 48-layer checkpoint never needs two copies in memory; the audio branch is
 never read. `build_pipeline` puts it in the project's Pipeline (train.py --config ltx2 --init,
 sample.py --ckpt): the DiT from a diffusers folder (config.json + diffusion_pytorch_model*.safetensors,
 or a whole pipeline folder: its transformer/ and vae/) or one .safetensors file (then the full
@@ -52,9 +52,10 @@ Memory plan (`python ltx2.py memory-plan`): full fine-tuning of ltx2-video as tr
 --fsdp (FSDP2, fp32 master weights sharded over the GPUs, bf16 compute, fp32 gradient reduction,
 gradient checkpointing per block). Per GPU, for N GPUs and a micro-batch of b = ceil(batch / N):
 parameters 4P/N + the bf16 copy of two gathered blocks (current + prefetched), gradients 4P/N,
-AdamW moments 8P/N; activations b x (depth block inputs of n x dim in bf16 + one block's recompute,
-~34 n dim bytes: Korthikanti et al.'s per-layer count without attention scores, which flash attention
-never stores), n = video tokens + reference tokens. Buffers, the VAE (frozen, encodes up front) and
+AdamW moments 8P/N, the EMA 4P/N (sharded like the weights; --ema 0: none); activations b x (depth
+block inputs of n x dim in bf16 + one block's recompute, ~34 n dim bytes: Korthikanti et al.'s
+per-layer count without attention scores, which flash attention never stores), n = video tokens +
+reference tokens. Buffers, the VAE (frozen, encodes up front) and
 allocator fragmentation are not counted: keep ~10 % headroom.
 
     python ltx2.py memory-plan [--frames 121 --height 512 --width 768 --batch 32]
@@ -73,7 +74,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from model import CONFIGS, DiT, DiTConfig, rope_table, with_overrides
+from model import CONFIGS, DiT, DiTConfig, with_overrides
 from text import EMPTY_EMBEDS, EMPTY_PROMPT
 from vae import CausalShapes
 
@@ -218,7 +219,7 @@ def load_dit(checkpoint: Mapping, cfg: DiTConfig, rope_type: str = "split") -> D
     with torch.device("meta"):
         model = DiT(cfg)
     model.load_state_dict(convert_state_dict(checkpoint, cfg, rope_type), strict=True, assign=True)
-    model.freqs = rope_table(cfg)  # the non-persistent RoPE table, built on the meta device above
+    model.reset_rope_table()  # built on the meta device above
     return model
 
 
@@ -355,9 +356,10 @@ def find_transformer(path: str | os.PathLike) -> tuple[list[Path], dict | None] 
 
 
 def build_pipeline(transformer: str | os.PathLike, vae: str | os.PathLike = "", size: int = 0, frames: int = 0,
-                   fps: float = LTX2_FPS, dtype: torch.dtype = torch.float32, **dit_overrides):
+                   fps: float = LTX2_FPS, dtype: torch.dtype | None = torch.float32, **dit_overrides):
     """An LTX-2.3 transformer checkpoint + the LTX-2 VAE (`vae`, default: the pipeline folder's vae/)
-    -> checkpoint.Pipeline without a text encoder (precomputed prompt embeddings), DiT in `dtype`."""
+    -> checkpoint.Pipeline without a text encoder (precomputed prompt embeddings), DiT in `dtype` (None: the
+    checkpoint's, its tensors left memory-mapped: read only where used)."""
     from checkpoint import Pipeline
 
     found = find_transformer(transformer)
@@ -373,7 +375,8 @@ def build_pipeline(transformer: str | os.PathLike, vae: str | os.PathLike = "", 
     if autoencoder.config.latent_channels != cfg.in_channels:
         raise ValueError(f"the LTX-2 VAE at {vae} has {autoencoder.config.latent_channels} latent channels, "
                          f"the transformer {cfg.in_channels}")
-    dit = load_ltx2(files, cfg, rope_type).to(dtype)
+    dit = load_ltx2(files, cfg, rope_type)
+    dit = dit if dtype is None else dit.to(dtype)
     return Pipeline(autoencoder, None, dit, size or LTX2_SIZE, frames or LTX2_FRAMES, fps).check()
 
 
@@ -440,7 +443,7 @@ def gemma_encoder(path: str | os.PathLike, device: str = "cpu", max_length: int 
     return encode
 
 
-def memory_plan(gpus: int, frames: int, height: int, width: int, batch: int,
+def memory_plan(gpus: int, frames: int, height: int, width: int, batch: int, ema: bool = True,
                 cfg: DiTConfig = CONFIGS["ltx2-video"]) -> dict:
     """GiB per GPU (see the module docstring for the model of memory) for full fine-tuning on `gpus`."""
     with torch.device("meta"):
@@ -453,20 +456,23 @@ def memory_plan(gpus: int, frames: int, height: int, width: int, batch: int,
     gib = 2**30
     plan = {"gpus": gpus, "micro_batch": b, "tokens": n,
             "params": (4 * P / gpus + 2 * 2 * P_block) / gib, "grads": 4 * P / gpus / gib,
-            "adamw": 8 * P / gpus / gib, "activations": b * (cfg.depth * 2 * n * cfg.dim + 34 * n * cfg.dim) / gib}
-    plan["total"] = plan["params"] + plan["grads"] + plan["adamw"] + plan["activations"]
+            "adamw": 8 * P / gpus / gib, "ema": 4 * P / gpus / gib * ema,
+            "activations": b * (cfg.depth * 2 * n * cfg.dim + 34 * n * cfg.dim) / gib}
+    plan["total"] = plan["params"] + plan["grads"] + plan["adamw"] + plan["ema"] + plan["activations"]
     return plan
 
 
 def print_memory_plan(args) -> None:
-    plans = [memory_plan(g, args.frames, args.height, args.width, args.batch) for g in (1, 2, 4, 8, 16, 32, 64)]
+    plans = [memory_plan(g, args.frames, args.height, args.width, args.batch, not args.no_ema)
+             for g in (1, 2, 4, 8, 16, 32, 64)]
     print(f"ltx2-video full fine-tune, {args.frames} frames {args.height}x{args.width}, global batch {args.batch}, "
           f"{plans[0]['tokens']} tokens per sample (video + reference); GiB per GPU")
-    print(f"{'GPUs':>5} {'micro-b':>7} {'params':>8} {'grads':>8} {'AdamW':>8} {'activ.':>8} {'total':>8}  80GB 96GB")
+    print(f"{'GPUs':>5} {'micro-b':>7} {'params':>8} {'grads':>8} {'AdamW':>8} {'EMA':>8} {'activ.':>8} {'total':>8}"
+          f"  80GB 96GB")
     for q in plans:
         fits = ["yes" if q["total"] <= 0.9 * cap * 1e9 / 2**30 else "no" for cap in (80, 96)]
         print(f"{q['gpus']:>5} {q['micro_batch']:>7} {q['params']:>8.1f} {q['grads']:>8.1f} {q['adamw']:>8.1f} "
-              f"{q['activations']:>8.1f} {q['total']:>8.1f}  {fits[0]:>4} {fits[1]:>4}")
+              f"{q['ema']:>8.1f} {q['activations']:>8.1f} {q['total']:>8.1f}  {fits[0]:>4} {fits[1]:>4}")
     for cap in (80, 96):
         ok = [q["gpus"] for q in plans if q["total"] <= 0.9 * cap * 1e9 / 2**30]
         print(f"smallest GPU count for batch {args.batch} on {cap} GB GPUs (10 % headroom): "
@@ -488,6 +494,7 @@ def main(argv=None) -> int:
     m.add_argument("--height", type=int, default=512, help="pixel height")
     m.add_argument("--width", type=int, default=768, help="pixel width")
     m.add_argument("--batch", type=int, default=32, help="global batch (no gradient accumulation)")
+    m.add_argument("--no-ema", action="store_true", help="without the EMA weights (train.py --ema 0)")
     e = sub.add_parser("encode-prompts", help="precompute LTX-2.3 prompt embeddings (Gemma 3 + text connector) "
                                               "for a manifest's captions")
     e.add_argument("--manifest", required=True, help="JSONL manifest with a \"caption\" per line")

@@ -244,6 +244,11 @@ class DiT(nn.Module):
                     nn.init.zeros_(attn.to_gate_logits.weight)
         nn.init.zeros_(self.proj_out.weight)
 
+    def reset_rope_table(self):
+        """Recompute the RoPE table beside the weights: a non-persistent buffer (no checkpoint holds it), so a DiT
+        built on the meta device gets it back once its weights are assigned or materialised (to_empty)."""
+        self.freqs = rope_table(self.cfg).to(self.patchify.weight.device)
+
     def timestep_modulation(self, t):
         """t [B] -> (embedded t [B, D], per-block modulation [B, n_mod, D])."""
         emb = self.t_embedder(timestep_embedding(t).to(self.patchify.weight.dtype))

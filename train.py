@@ -6,6 +6,7 @@
     python train.py --stage dit --config ltx2 --init LTX-2.3/transformer --vae LTX-2.3/vae --data clips.embeds.jsonl
                                                     # ST-DRC on LTX-2.3 (prompt embeddings: ltx2.py encode-prompts)
     torchrun --nproc_per_node 2 train.py ...                                                # DDP (gloo on CPU)
+    torchrun --nproc_per_node 8 train.py ... --fsdp                                         # FSDP2, no full copy per rank
 
 Every flag is a field of TrainConfig (`--help` lists them). Checkpoints: see checkpoint.py;
 `--resume` continues a run folder exactly (weights, EMA, optimizer, step; the data and noise
@@ -47,8 +48,9 @@ class TrainConfig:
     out: str = flag("runs/exp", "run folder: checkpoints, metrics.jsonl, sample GIFs")
     init: str = flag("", "checkpoint to start from (dit stage: a trained VAE or a base model; --config ltx2: an "
                          "LTX-2.3 transformer, diffusers folder or .safetensors)")
-    vae: str = flag("", "--config ltx2: the LTX-2 VAE folder (diffusers AutoencoderKLLTX2Video); default: "
-                        "vae/ of the pipeline folder given to --init")
+    vae: str = flag("", "the VAE: with --config ltx2 the LTX-2 VAE folder (diffusers AutoencoderKLLTX2Video; default: "
+                        "vae/ of the pipeline folder given to --init); otherwise a checkpoint of this preset whose VAE "
+                        "replaces --init's (e.g. a VAE trained further)")
     size: int = flag(0, "frame size in pixels (0: the preset's; ltx2: 512)")
     frames: int = flag(0, "frames per clip, 1 + tau k (0: the preset's; ltx2: 121)")
     resume: bool = flag(False, "continue the run in --out from its latest checkpoint")
@@ -69,8 +71,11 @@ class TrainConfig:
     id_frames: int = flag(2, "latent frames decoded for the face loss (from the first)")
     ref_source: str = flag("cross", "synthetic references: cross (other clip of the identity), in_clip, or mix")
     augment: bool = flag(True, "reference augmentation (flip, rotation, crop, colour jitter)")
-    fsdp: bool = flag(False, "shard with FSDP2 (fully_shard per block); needs GPUs")
-    bf16: bool = flag(True, "bf16 autocast (GPU only)")
+    fsdp: bool = flag(False, "shard the dit stage with FSDP2 under torchrun: no rank copies the whole DiT (weights "
+                             "memory-mapped, the model on the meta device until fully_shard per block; bf16 params, "
+                             "fp32 reduce on GPU), rank 0 sends each its shards; checkpoints gather full state dicts "
+                             "on rank 0; CPU: gloo, fp32")
+    bf16: bool = flag(True, "bf16 compute on GPU: autocast, and bf16 parameters under --fsdp")
     grad_checkpoint: bool = flag(False, "activation checkpointing of every DiT block")
     attn: str = flag("torch", "attention backend: torch or triton")
     log_every: int = flag(10, "steps between metric lines")
@@ -92,8 +97,10 @@ def parse_args(argv=None) -> TrainConfig:
 
 def setup_distributed(cfg: TrainConfig):
     """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain python runs as a world of one."""
-    if cfg.fsdp and not torch.cuda.is_available():
-        sys.exit("train.py: --fsdp needs GPUs (none visible); drop --fsdp to train with DDP or on one device")
+    if cfg.fsdp and cfg.stage != "dit":
+        sys.exit("train.py: --fsdp shards the DiT (--stage dit); train the VAE without it")
+    if cfg.fsdp and "RANK" not in os.environ:
+        sys.exit("train.py: --fsdp shards over the processes torchrun starts: torchrun --nproc_per_node N train.py ... --fsdp")
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -107,15 +114,78 @@ def setup_distributed(cfg: TrainConfig):
 
 def wrap(module: nn.Module, cfg: TrainConfig, world: int, device) -> nn.Module:
     if cfg.fsdp:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        for block in module.dit.blocks:
-            fully_shard(block, mp_policy=mp)
-        return fully_shard(module, mp_policy=mp)
+        return shard(module, device, bf16=cfg.bf16 and device.type == "cuda")
     if world > 1:
         return nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
     return module
+
+
+def shard(module: nn.Module, device, bf16: bool) -> nn.Module:
+    """FSDP2 for the Denoiser without a full copy on any device: rank 0's module (its tensors memory-mapped
+    from the checkpoint files, or a fresh preset's) is the source; every rank moves its module to the meta
+    device (fp32 master weights), applies fully_shard to each DiT block, the DiT, the text encoder and the
+    root, allocates only its own shards (to_empty) and receives them from rank 0 one tensor at a time."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    source = module.state_dict() if dist.get_rank() == 0 else {}
+    module.to(device="meta", dtype=torch.float32)  # rank 0's source keeps its own tensors
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+    for unit in [*module.dit.blocks, module.dit, module.text]:  # the DiT and text encoder on their own: sampling calls them
+        if unit is not None:
+            fully_shard(unit, mp_policy=mp)
+    fully_shard(module, mp_policy=mp)
+    module.to_empty(device=device)
+    set_model_state_dict(module, source, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    module.dit.reset_rope_table()  # a non-persistent buffer: not in the state dict
+    local, total = sum(p.to_local().numel() for p in module.parameters()), sum(p.numel() for p in module.parameters())
+    print(f"train.py: FSDP rank {dist.get_rank()} of {dist.get_world_size()} holds {local:,} of {total:,} parameters",
+          flush=True)
+    return module
+
+
+def full_state(cfg, trained, opt, ema, rank) -> tuple[dict, dict, dict | None]:
+    """(raw weights, optimizer state, EMA) for a checkpoint: the live ones, or under FSDP full tensors gathered
+    onto rank 0's CPU one at a time (a collective: every rank calls it; the others get empty dicts)."""
+    if not cfg.fsdp:
+        return trained.state_dict(), opt.state_dict(), ema
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.tensor import DTensor
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    raw, optim = get_model_state_dict(trained, options=options), get_optimizer_state_dict(trained, opt, options=options)
+    if ema is None:
+        return raw, optim, None
+    full = {}
+    for k, v in ema.items():
+        v = v.full_tensor() if isinstance(v, DTensor) else v
+        if rank == 0:
+            full[k] = v.cpu()
+    return raw, optim, full
+
+
+def restore(cfg, trained, opt, state: dict) -> dict | None:
+    """Load a checkpoint's state.pt (raw weights and optimizer) into the trained module; returns its EMA, under
+    FSDP as this rank's shards (raw and optimizer are broadcast from rank 0, the EMA sliced on each rank)."""
+    if state.get("fsdp", False) != cfg.fsdp:
+        was = "with" if state.get("fsdp") else "without"
+        sys.exit(f"train.py: the checkpoint was written {was} --fsdp: resume it {was} --fsdp (any number of processes)")
+    if not cfg.fsdp:
+        trained.load_state_dict(state["raw"])
+        opt.load_state_dict(state["optimizer"])
+        return state["ema"]
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    first = dist.get_rank() == 0
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(trained, state["raw"] if first else {}, options=options)
+    set_optimizer_state_dict(trained, opt, state["optimizer"] if first else {}, options=options)
+    if state["ema"] is None:
+        return None
+    like = trained.state_dict()  # FSDP's layout of each tensor
+    return {k: distribute_tensor(v, like[k].device_mesh, like[k].placements, src_data_rank=None)
+            if isinstance(like[k], DTensor) else v.to(like[k].device) for k, v in state["ema"].items()}
 
 
 # ----------------------------------------------------------------------------- the trained module
@@ -202,7 +272,8 @@ def build(cfg: TrainConfig, device) -> checkpoint.Pipeline:
                  "folder or .safetensors> and --vae <LTX-2 VAE folder>")
     try:
         if from_ltx2:
-            pipe = ltx2.build_pipeline(cfg.init, cfg.vae, cfg.size, cfg.frames, **overrides)
+            dtype = None if cfg.fsdp else torch.float32  # FSDP: left memory-mapped, shard() makes fp32 shards
+            pipe = ltx2.build_pipeline(cfg.init, cfg.vae, cfg.size, cfg.frames, dtype=dtype, **overrides)
         else:
             src = checkpoint.resolve(cfg.init) if cfg.init else None
             meta = json.loads((src / "config.json").read_text()) if src else {"preset": cfg.config}
@@ -218,10 +289,19 @@ def build(cfg: TrainConfig, device) -> checkpoint.Pipeline:
                 pipe = checkpoint.build_pipeline(cfg.config, **overrides)
                 if src:
                     checkpoint.load_state(pipe.modules(), checkpoint.load_file(str(src / "model.safetensors")), strict=False)
+                if cfg.vae:  # another checkpoint's VAE (e.g. one trained further) in place of --init's
+                    vae_src = checkpoint.resolve(cfg.vae)
+                    vae_preset = json.loads((vae_src / "config.json").read_text()).get("preset")
+                    if vae_preset != cfg.config:
+                        sys.exit(f"train.py: --vae {vae_src} was trained with --config {vae_preset}, not {cfg.config}")
+                    checkpoint.load_state({"vae": pipe.vae}, checkpoint.load_file(str(vae_src / "model.safetensors")))
             pipe.size, pipe.frames, pipe.fps = cfg.size or pipe.size, cfg.frames or pipe.frames, cfg.fps
         pipe.check()
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"train.py: {e}")
+    if cfg.fsdp:  # the trained modules stay on the CPU (memory-mapped where loaded): wrap() shards them
+        pipe.vae.to(device)
+        return pipe
     return pipe.to(device)
 
 
@@ -236,6 +316,9 @@ def batches(cfg: TrainConfig, pipe, rank: int, world: int, device):
     sampler = torch.utils.data.DistributedSampler(dataset, world, rank, seed=cfg.seed) if world > 1 else None
     loader = torch.utils.data.DataLoader(dataset, cfg.batch, sampler=sampler, shuffle=sampler is None,
                                          num_workers=cfg.workers, collate_fn=data.collate, drop_last=True, persistent_workers=cfg.workers > 0)
+    if len(loader) == 0:  # drop_last with fewer clips than a step needs would loop forever
+        sys.exit(f"train.py: {cfg.data} has {len(dataset)} clips, fewer than one step needs ({world} processes x "
+                 f"--batch {cfg.batch}): lower --batch or add clips")
     state = {"it": iter(loader), "epoch": 0, "skipped": 0}
 
     def manifest(step):
@@ -333,11 +416,9 @@ def train(cfg: TrainConfig) -> Path:
     opt = torch.optim.AdamW(trained.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = {k: v.detach().float().clone() for k, v in trained.state_dict().items()} if cfg.ema > 0 else None
     step = 0
-    if cfg.resume:
-        state = torch.load(src / "state.pt", map_location=device, weights_only=False)
-        trained.load_state_dict(state["raw"])
-        opt.load_state_dict(state["optimizer"])
-        ema, step = state["ema"], state["step"]
+    if cfg.resume:  # FSDP: memory-mapped, read where used
+        state = torch.load(src / "state.pt", map_location="cpu" if cfg.fsdp else device, weights_only=False, mmap=cfg.fsdp)
+        ema, step = restore(cfg, trained, opt, state), state["step"]
     embedder = None
     if cfg.stage == "dit" and cfg.face_model and cfg.ref != "none" and (cfg.lambda_id or cfg.lambda_tic):
         from faces import load_embedder
@@ -377,10 +458,12 @@ def train(cfg: TrainConfig) -> Path:
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
             tic, tokens_seen = time.perf_counter(), 0
-        if rank == 0 and (step % cfg.save_every == 0 or step == cfg.steps):
-            save(cfg, out, pipe, trained, opt, ema, step, next_batch)
-        if cfg.sample_every and step % cfg.sample_every == 0 and rank == 0 and cfg.stage == "dit":
-            write_sample(cfg, pipe, batch, out / f"sample_{step:06d}.gif")
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            raw, optim, full_ema = full_state(cfg, trained, opt, ema, rank)
+            if rank == 0:
+                save(cfg, out, pipe, raw, optim, full_ema, step, next_batch)
+        if cfg.sample_every and step % cfg.sample_every == 0 and (rank == 0 or cfg.fsdp) and cfg.stage == "dit":
+            write_sample(cfg, pipe, batch, out / f"sample_{step:06d}.gif" if rank == 0 else None)  # FSDP: all ranks run it
     bar.close()
     if metrics is not None:
         metrics.close()
@@ -390,10 +473,13 @@ def train(cfg: TrainConfig) -> Path:
     return out
 
 
-def export_weights(cfg, pipe, ema, next_batch) -> dict[str, torch.Tensor]:
-    """Inference weights: the EMA of what this stage trains in place of the raw weights; for
-    the VAE, the per-channel latent statistics of those weights over a few training batches."""
-    weights = checkpoint.state_dict(pipe.modules())
+def export_weights(cfg, pipe, raw, ema, next_batch) -> dict[str, torch.Tensor]:
+    """Inference weights: the frozen modules', then the EMA of what this stage trains (`raw`: its full state
+    dict) in place of the raw weights; for the VAE, the per-channel latent statistics of those weights over
+    a few training batches."""
+    trained = {k.split(".")[0] for k in raw}
+    weights = checkpoint.state_dict({name: m for name, m in pipe.modules().items() if name not in trained})
+    weights.update({k: v.detach().contiguous() for k, v in raw.items()})
     weights.update({k: v.to(weights[k].dtype) for k, v in (ema or {}).items()})
     if cfg.stage == "vae":
         from vae import compute_latent_stats
@@ -406,10 +492,10 @@ def export_weights(cfg, pipe, ema, next_batch) -> dict[str, torch.Tensor]:
     return weights
 
 
-def save(cfg, out, pipe, trained, opt, ema, step, next_batch):
-    """Writes <out>/step_XXXXXX atomically, then points `latest` at it (rank 0 only)."""
-    weights = export_weights(cfg, pipe, ema, next_batch)
-    state = {"raw": trained.state_dict(), "optimizer": opt.state_dict(), "ema": ema, "step": step}
+def save(cfg, out, pipe, raw, optim, ema, step, next_batch):
+    """Writes <out>/step_XXXXXX atomically, then points `latest` at it (rank 0 only; full_state gives the states)."""
+    weights = export_weights(cfg, pipe, raw, ema, next_batch)
+    state = {"raw": raw, "optimizer": optim, "ema": ema, "step": step, "fsdp": cfg.fsdp}
     name = f"step_{step:06d}"
     checkpoint.save(out / name, pipe, weights, state, extra={"preset": cfg.config, "stage": cfg.stage, "step": step})
     checkpoint.write_latest(out, name)
@@ -426,7 +512,8 @@ def write_sample(cfg, pipe, batch, path):
                                                   "empty_prompt_attention_mask")))
     video = generate(pipe, batch["ref"][0] if cfg.ref != "none" else None, batch["prompt"][0], steps=20,
                      progress=False, text=text)
-    data.save_video(path, video, pipe.fps)
+    if path is not None:
+        data.save_video(path, video, pipe.fps)
 
 
 if __name__ == "__main__":

@@ -261,3 +261,34 @@ def test_ltx2_init_trains_and_samples(ltx2_world, tmp_path, capsys):
     assert sample.main(["--ckpt", str(root / "pipe"), "--prompt-embeds", str(root / "embeds" / "narrow.safetensors"),
                         "--size", "16", "--frames", "9", "--out", str(tmp_path / "x.gif")]) == 2
     assert "prompt embeddings are 24 wide but the DiT's text_dim is 32" in capsys.readouterr().err
+
+
+def test_fsdp_shards_bf16_ltx2_weights_without_an_fp32_copy(ltx2_world, tmp_path):
+    """--fsdp: train.build leaves a bf16 LTX-2.3 checkpoint's tensors as read (no fp32 copy of the DiT); train.shard
+    moves the DiT to the meta device, materialises fp32 shards and fills them with the converted weights (one
+    gloo process: a world of one, so its shard is the whole tensor)."""
+    import copy
+
+    import torch.distributed as dist
+
+    import train
+    from model import rope_table
+
+    root, transformer, _ = ltx2_world
+    bf16 = copy.deepcopy(transformer).to(torch.bfloat16)
+    bf16.save_pretrained(tmp_path / "bf16")
+    cfg = train.parse_args(["--stage", "dit", "--config", "ltx2", "--init", str(tmp_path / "bf16"), "--vae",
+                            str(root / "pipe" / "vae"), "--size", "16", "--frames", "9", "--fsdp"])
+    pipe = train.build(cfg, torch.device("cpu"))
+    assert {p.dtype for p in pipe.dit.parameters()} == {torch.bfloat16}
+    expected = convert_state_dict(bf16.state_dict(), dit_config_from_diffusers(bf16.config)[0])
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        trained = train.shard(train.Denoiser(None, pipe.dit), torch.device("cpu"), bf16=False)
+        state = trained.state_dict()
+        assert state.keys() == {f"dit.{k}" for k in expected}
+        for k, v in expected.items():
+            assert state[f"dit.{k}"].dtype == torch.float32 and torch.equal(state[f"dit.{k}"].full_tensor(), v.float()), k
+        assert torch.equal(trained.dit.freqs, rope_table(trained.dit.cfg))
+    finally:
+        dist.destroy_process_group()

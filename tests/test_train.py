@@ -1,4 +1,6 @@
-"""End-to-end training on the tiny config, CPU: resume exactness, torchrun DDP, clear errors."""
+"""End-to-end training on the tiny config, CPU: resume exactness, torchrun DDP and FSDP2 (gloo), clear errors."""
+import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -25,6 +27,16 @@ def vae_ckpt(tmp_path_factory):
     return out
 
 
+def torchrun(args, port: int) -> subprocess.CompletedProcess:
+    """train.py in two gloo processes on the CPU (one thread each)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           str(ROOT / "train.py"), *COMMON, *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 def weights(run_dir):
     latest = (run_dir / "latest").read_text().strip()
     return load_file(str(run_dir / latest / "model.safetensors")), torch.load(run_dir / latest / "state.pt", weights_only=False)
@@ -48,6 +60,20 @@ def test_resume_continues_exactly(vae_ckpt, tmp_path):
     assert all(torch.equal(wa[k], start[k]) for k in start if k.startswith("vae."))  # frozen VAE
 
 
+def test_vae_flag_swaps_in_another_checkpoints_vae(vae_ckpt, tmp_path):
+    """--init gives text encoder + DiT, --vae the VAE (e.g. one trained further); the VAE stays frozen."""
+    dit_run, vae2, out = tmp_path / "dit", tmp_path / "vae2", tmp_path / "out"
+    run(["--stage", "dit", "--init", str(vae_ckpt), "--steps", "1", "--out", str(dit_run)])
+    run(["--stage", "vae", "--init", str(vae_ckpt), "--steps", "1", "--lr", "1e-2", "--out", str(vae2)])
+    run(["--stage", "dit", "--init", str(dit_run), "--vae", str(vae2), "--steps", "1", "--lr", "0", "--out", str(out)])
+    (w_dit, _), (w_vae, _), (w_out, _) = weights(dit_run), weights(vae2), weights(out)
+    assert not torch.equal(w_dit["vae.latent_std"], w_vae["vae.latent_std"])  # two different VAEs
+    for k in w_out:
+        assert torch.equal(w_out[k], (w_vae if k.startswith("vae.") else w_dit)[k]), k
+    with pytest.raises(SystemExit, match="--config tiny, not demo"):
+        train.train(train.parse_args(["--config", "demo", "--vae", str(vae2), "--out", str(tmp_path), "--steps", "1"]))
+
+
 def test_vae_stage_writes_latent_statistics(vae_ckpt):
     w, _ = weights(vae_ckpt)
     assert not torch.equal(w["vae.latent_std"], torch.ones_like(w["vae.latent_std"]))
@@ -58,23 +84,84 @@ def test_init_from_another_config_is_a_clear_error(vae_ckpt, tmp_path):
         train.train(train.parse_args(["--config", "demo", "--stage", "dit", "--init", str(vae_ckpt), "--out", str(tmp_path), "--steps", "1"]))
 
 
-def test_fsdp_without_gpu_and_missing_manifest_are_clear_errors(tmp_path):
-    if not torch.cuda.is_available():
-        with pytest.raises(SystemExit, match="--fsdp needs GPUs"):
-            run(["--fsdp", "--steps", "1", "--out", str(tmp_path)])
+def test_fsdp_without_torchrun_and_missing_manifest_are_clear_errors(tmp_path):
+    with pytest.raises(SystemExit, match="--fsdp shards over the processes torchrun starts"):
+        run(["--fsdp", "--steps", "1", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"--fsdp shards the DiT \(--stage dit\)"):
+        run(["--fsdp", "--stage", "vae", "--steps", "1", "--out", str(tmp_path)])
     with pytest.raises(FileNotFoundError, match="manifest not found"):
         run(["--stage", "vae", "--data", str(tmp_path / "none.jsonl"), "--steps", "1", "--out", str(tmp_path)])
+    (tmp_path / "one.jsonl").write_text(json.dumps({"video": "a.gif", "caption": "a person nods"}))
+    with pytest.raises(SystemExit, match="has 1 clips, fewer than one step needs"):  # not an endless loop
+        run(["--stage", "vae", "--data", str(tmp_path / "one.jsonl"), "--workers", "0", "--steps", "1", "--out", str(tmp_path)])
 
 
 def test_torchrun_two_processes(vae_ckpt, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", str(ROOT / "train.py"),
-           *COMMON, "--stage", "dit", "--init", str(vae_ckpt), "--steps", "2", "--out", str(tmp_path / "ddp")]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun(["--stage", "dit", "--init", str(vae_ckpt), "--steps", "2", "--out", str(tmp_path / "ddp")], 29533)
     w, state = weights(tmp_path / "ddp")
     assert state["step"] == 2
     assert (tmp_path / "ddp" / "metrics.jsonl").read_text().count("\n") == 2  # rank 0 logs alone
+
+
+def data_parallel_reference(args, steps):
+    """What two data-parallel ranks compute, in one process without any distributed code: per step both ranks'
+    batches, the mean of their losses backpropagated, clip, AdamW, EMA. -> (rank 0's losses, trained, opt, ema)."""
+    cfg = train.parse_args(COMMON + args)
+    torch.manual_seed(cfg.seed)
+    pipe = train.build(cfg, torch.device("cpu"))
+    pipe.vae.requires_grad_(False).eval()
+    trained = train.Denoiser(pipe.text, pipe.dit).train()
+    opt = torch.optim.AdamW(trained.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ema = {k: v.detach().float().clone() for k, v in trained.state_dict().items()}
+    feeds = [train.batches(cfg, pipe, rank, 2, torch.device("cpu")) for rank in (0, 1)]
+    losses = []
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = train.lr_at(step, cfg)
+        parts = [train.dit_step(cfg, pipe, trained, None, b, g, contextlib.nullcontext())[0]
+                 for g, b in (feed(step) for feed in feeds)]
+        opt.zero_grad(set_to_none=True)
+        ((parts[0] + parts[1]) / 2).backward()
+        torch.nn.utils.clip_grad_norm_(trained.parameters(), cfg.grad_clip)
+        opt.step()
+        train.ema_update(ema, trained, cfg.ema)
+        losses.append(parts[0].item())
+    return losses, trained, opt, ema
+
+
+def test_fsdp_two_processes_match_one_process(vae_ckpt, tmp_path):
+    """FSDP2 over two gloo processes (fp32 on the CPU), meta-device build, sharded checkpoints and an FSDP
+    --resume: the same losses and weights as the data-parallel steps computed in one process."""
+    out, args = tmp_path / "fsdp", ["--stage", "dit", "--init", str(vae_ckpt), "--grad-checkpoint", "--ema", "0.9"]
+    first = torchrun([*args, "--fsdp", "--steps", "2", "--sample-every", "2", "--out", str(out)], 29534)
+    torchrun([*args, "--fsdp", "--steps", "3", "--resume", "--out", str(out)], 29534)
+    losses, trained, opt, ema = data_parallel_reference(args, 3)
+
+    total = sum(p.numel() for p in trained.parameters())
+    held = [int(line.split(" holds ")[1].split(" of ")[0].replace(",", "")) for line in first.stdout.splitlines()
+            if "FSDP rank" in line]
+    assert len(held) == 2 and sum(held) == total and all(abs(n - total / 2) < 0.02 * total for n in held), held
+
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    torch.testing.assert_close(torch.tensor([r["loss"] for r in rows]), torch.tensor(losses), rtol=1e-5, atol=1e-6)
+
+    w, state = weights(out)  # the full state, gathered on rank 0
+    assert state["step"] == 3 and state["fsdp"]
+    for k, v in trained.state_dict().items():
+        torch.testing.assert_close(state["raw"][k], v, rtol=1e-4, atol=1e-6, msg=k)
+        torch.testing.assert_close(w[k], ema[k], rtol=1e-4, atol=1e-6, msg=k)
+    moments = {k: s["exp_avg_sq"] for k, s in state["optimizer"]["state"].items()}
+    for name, p in trained.named_parameters():
+        torch.testing.assert_close(moments[name], opt.state[p]["exp_avg_sq"], rtol=1e-3, atol=1e-12, msg=name)
+    assert (out / "sample_000002.gif").is_file()
+
+    import checkpoint
+    pipe, _ = checkpoint.load(out)  # the checkpoint in a plain process
+    for k, v in checkpoint.state_dict(pipe.modules()).items():
+        assert torch.equal(v, w[k]), k
+    with pytest.raises(SystemExit, match="written with --fsdp: resume it with --fsdp"):
+        run(["--stage", "dit", "--steps", "4", "--resume", "--out", str(out)])
 
 
 @pytest.mark.parametrize("grad_checkpoint", [False, True])
