@@ -17,30 +17,8 @@ plus the empty prompt's (text.EMPTY_EMBEDS), and a copy of the manifest with "pr
 PATH is a local diffusers LTX-2.3 pipeline folder (model_index.json, text_encoder/, tokenizer/,
 connectors/); the `transformers` package runs Gemma.
 
-Key map (diffusers -> model.py; `N` a block index). Official single-file names are first renamed to
-diffusers' (as diffusers' own single-file loader does): prefix `model.diffusion_model.` dropped
-(keys without it — VAE, vocoder, text connector — are not the transformer's), `patchify_proj` ->
-`proj_in`, `adaln_single` -> `time_embed`, `prompt_adaln_single` -> `prompt_adaln`, `q_norm` /
-`k_norm` -> `norm_q` / `norm_k`.
-
-| diffusers                                        | model.py                         |
-|--------------------------------------------------|----------------------------------|
-| `proj_in`                                        | `patchify`                       |
-| `caption_projection.linear_1` / `.linear_2`      | `caption_projection.0` / `.2`    |
-| `time_embed.emb.timestep_embedder.linear_1`/`_2` | `t_embedder.0` / `.2`            |
-| `time_embed.linear`                              | `adaln_single.1`                 |
-| `prompt_adaln.emb.timestep_embedder.linear_1`/`_2` | `prompt_t_embedder.0` / `.2`   |
-| `prompt_adaln.linear`                            | `prompt_adaln.1`                 |
-| `scale_shift_table`                              | `out_scale_shift_table`          |
-| `proj_out`                                       | `proj_out`                       |
-| `transformer_blocks.N.scale_shift_table`         | `blocks.N.scale_shift_table`     |
-| `transformer_blocks.N.prompt_scale_shift_table`  | `blocks.N.prompt_scale_shift_table` |
-| `transformer_blocks.N.attn{1,2}.to_{q,k,v}`      | `blocks.N.attn{1,2}.to_{q,k,v}`  |
-| `transformer_blocks.N.attn{1,2}.norm_{q,k}`      | `blocks.N.attn{1,2}.{q,k}_norm`  |
-| `transformer_blocks.N.attn{1,2}.to_out.0`        | `blocks.N.attn{1,2}.to_out`      |
-| `transformer_blocks.N.attn{1,2}.to_gate_logits`  | `blocks.N.attn{1,2}.to_gate_logits` |
-| `transformer_blocks.N.ff.net.0.proj` / `.net.2`  | `blocks.N.ff.0` / `.2`           |
-| `audio_*`, `av_cross_attn_*` (official `av_ca_*`), `video_embeddings_connector.*`; in blocks `audio_*` (incl. `audio_to_video_*`), `video_to_audio_*`, `video_a2v_cross_attn_scale_shift_table` | dropped: the audio branch and the audio-video cross-attention |
+Key map: the table in README.md ("LTX-2.3 scale"); in code, OFFICIAL_RENAMES, TOP_LEVEL and
+IN_BLOCK_RENAMES below.
 
 RoPE layout: model.py rotates each head's channels in the rotate-half ("split") layout. A checkpoint
 trained with the "interleaved" layout (pairs (2m, 2m+1)) is converted by permuting each head's
