@@ -408,15 +408,11 @@ def main(argv=None) -> int:
         p.error("pass --benchmark --ckpt PATH, --recon --ckpt PATH, --videos ... or --train-classifiers")
     if (args.benchmark or args.recon) and not args.ckpt:
         p.error("--benchmark and --recon need --ckpt")
-    if args.recon:
-        try:
-            pipe, _ = checkpoint.load(args.ckpt)
-        except (FileNotFoundError, ValueError) as e:
-            print(f"evaluate.py: {e}", file=sys.stderr)
-            return 2
-        print(json.dumps(reconstruction(pipe.vae.eval(), args.n, pipe.size, pipe.frames, args.seed), indent=2))
-        return 0
     try:
+        if args.recon:
+            pipe, _ = checkpoint.load(args.ckpt)
+            print(json.dumps(reconstruction(pipe.vae.eval(), args.n, pipe.size, pipe.frames, args.seed), indent=2))
+            return 0
         judges = load_judges(args.face_model, args.world_model, args.face_onnx)
         if args.benchmark:
             rows = benchmark(judges, args.ckpt, args.n, args.steps, args.s_text, args.s_ref, args.seed, args.device,

@@ -257,6 +257,16 @@ def ema_update(ema: dict[str, torch.Tensor], module: nn.Module, decay: float):
             ema[k].lerp_(p.detach().to(ema[k].dtype), 1 - decay)
 
 
+def preset_checkpoint(path: str, preset: str, flag: str) -> Path:
+    """The checkpoint folder `path` names, which must have been trained with --config preset (one-line exit)."""
+    src = checkpoint.resolve(path)
+    trained = json.loads((src / "config.json").read_text()).get("preset")
+    if trained != preset:
+        sys.exit(f"train.py: {flag} {src} was trained with --config {trained}, not {preset}; "
+                 f"pass --config {trained} or start from a checkpoint of {preset}")
+    return src
+
+
 def build(cfg: TrainConfig, device) -> checkpoint.Pipeline:
     """The pipeline: fresh for this preset, from --init (a checkpoint of the same preset), or for
     --config ltx2 from LTX-2.3 weights (or a checkpoint of an ltx2 run, rebuilt from its config)."""
@@ -275,11 +285,7 @@ def build(cfg: TrainConfig, device) -> checkpoint.Pipeline:
             dtype = None if cfg.fsdp else torch.float32  # FSDP: left memory-mapped, shard() makes fp32 shards
             pipe = ltx2.build_pipeline(cfg.init, cfg.vae, cfg.size, cfg.frames, dtype=dtype, **overrides)
         else:
-            src = checkpoint.resolve(cfg.init) if cfg.init else None
-            meta = json.loads((src / "config.json").read_text()) if src else {"preset": cfg.config}
-            if meta.get("preset") != cfg.config:
-                sys.exit(f"train.py: --init {src} was trained with --config {meta.get('preset')}, not {cfg.config}; "
-                         f"pass --config {meta.get('preset')} or start from a checkpoint of {cfg.config}")
+            src = preset_checkpoint(cfg.init, cfg.config, "--init") if cfg.init else None
             if cfg.config == "ltx2":  # a checkpoint of an ltx2 run describes its own pipeline
                 pipe, _ = checkpoint.load(src)
                 for name, value in overrides.items():  # runtime switches; the blocks share this config
@@ -290,10 +296,7 @@ def build(cfg: TrainConfig, device) -> checkpoint.Pipeline:
                 if src:
                     checkpoint.load_state(pipe.modules(), checkpoint.load_file(str(src / "model.safetensors")), strict=False)
                 if cfg.vae:  # another checkpoint's VAE (e.g. one trained further) in place of --init's
-                    vae_src = checkpoint.resolve(cfg.vae)
-                    vae_preset = json.loads((vae_src / "config.json").read_text()).get("preset")
-                    if vae_preset != cfg.config:
-                        sys.exit(f"train.py: --vae {vae_src} was trained with --config {vae_preset}, not {cfg.config}")
+                    vae_src = preset_checkpoint(cfg.vae, cfg.config, "--vae")
                     checkpoint.load_state({"vae": pipe.vae}, checkpoint.load_file(str(vae_src / "model.safetensors")))
             pipe.size, pipe.frames, pipe.fps = cfg.size or pipe.size, cfg.frames or pipe.frames, cfg.fps
         pipe.check()
