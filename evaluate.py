@@ -13,6 +13,9 @@ embedder, or by ArcFace with --face-onnx. Per video:
   counted: face_frames is the share with a face (a video with none has no face_sim).
 - temporal_id (temporal identity consistency): mean cos(e_f, e_bar) of those frames to the
   normalised mean of their embeddings.
+- id_top1 (identification, --benchmark only): 1 when the reference nearest to the video's e_bar,
+  among the references of all the test clips, is of the video's own identity. It asks what a
+  person asks of a generated face: whose is it? Chance is about 1 / (test clips).
 - scene_acc, action_acc (prompt alignment, the CLIP-Score analogue on this world): the scene
   and the action recognised in the video by the world's classifiers (SceneNet on frames,
   ActionNet on detected landmark trajectories and aligned face crops) are the ones the
@@ -157,9 +160,17 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> torch.Ten
     return (x * mask).sum(dim) / mask.sum(dim)  # 0 / 0 = NaN
 
 
+def top1_identification(e_bar, e_ref, ref_present, identities) -> torch.Tensor:
+    """1 where the present reference of largest cos to video b's mean face e_bar[b] has b's
+    identity, else 0: e_bar, e_ref [B, D] unit vectors, ref_present, identities [B]."""
+    sim = (e_bar @ e_ref.T).masked_fill(~ref_present[None], -math.inf)
+    return (identities[sim.argmax(1)] == identities).float()
+
+
 @torch.no_grad()
-def identity_metrics(embedder, videos, landmarks, present, refs, ref_landmarks, ref_present) -> dict:
-    """face_sim, temporal_id and face_frames [B] on FACE_FRAMES evenly spaced frames."""
+def identity_metrics(embedder, videos, landmarks, present, refs, ref_landmarks, ref_present, identities=None) -> dict:
+    """face_sim, temporal_id, face_frames and (given identities [B]) id_top1 [B] on FACE_FRAMES
+    evenly spaced frames."""
     B, Fr = present.shape
     pick = evenly_spaced(Fr, FACE_FRAMES)
     e = embed_faces(embedder, videos[:, :, pick].transpose(1, 2).flatten(0, 1), landmarks[:, pick].flatten(0, 1))
@@ -168,7 +179,9 @@ def identity_metrics(embedder, videos, landmarks, present, refs, ref_landmarks, 
     face_sim = masked_mean((e * e_ref[:, None]).sum(-1), m)
     e_bar = F.normalize((e * m[..., None]).sum(1), dim=-1)
     temporal_id = masked_mean((e * e_bar[:, None]).sum(-1), m)
-    return {"face_sim": torch.where(ref_present, face_sim, math.nan),
+    id_top1 = torch.full((B,), math.nan, device=e.device) if identities is None else \
+        torch.where(ref_present & m.any(1), top1_identification(e_bar, e_ref, ref_present, identities), math.nan)
+    return {"face_sim": torch.where(ref_present, face_sim, math.nan), "id_top1": id_top1,
             "temporal_id": torch.where(m.sum(1) >= 2, temporal_id, math.nan),
             "face_frames": m.float().mean(1), "skipped_frames": (~m).sum(1).float()}
 
@@ -209,14 +222,17 @@ def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_videos(judges: Judges, videos: torch.Tensor, refs: torch.Tensor, prompts: list[str]) -> dict:
-    """Every metric of every video: videos [B, 3, F, S, S], refs [B, 3, S, S] -> {name: [B]}."""
+def evaluate_videos(judges: Judges, videos: torch.Tensor, refs: torch.Tensor, prompts: list[str],
+                    identities: torch.Tensor | None = None) -> dict:
+    """Every metric of every video: videos [B, 3, F, S, S], refs [B, 3, S, S] -> {name: [B]};
+    id_top1 needs the identities [B] of the references (NaN without)."""
     B, _, Fr, S, _ = videos.shape
     frames = videos.transpose(1, 2).flatten(0, 1)
     landmarks, score = judges.detector.detect_batch(frames)
     landmarks, present = landmarks.view(B, Fr, 5, 2), (score > FACE_THRESHOLD).view(B, Fr)
     ref_landmarks, ref_score = judges.detector.detect_batch(refs)
-    out = identity_metrics(judges.embedder, videos, landmarks, present, refs, ref_landmarks, ref_score > FACE_THRESHOLD)
+    out = identity_metrics(judges.embedder, videos, landmarks, present, refs, ref_landmarks, ref_score > FACE_THRESHOLD,
+                           identities)
 
     small = resize_frames(frames, WORLD_SIZE).view(B, Fr, 3, WORLD_SIZE, WORLD_SIZE)
     small_landmarks = (landmarks + 0.5) * (WORLD_SIZE / S) - 0.5
@@ -246,7 +262,7 @@ def summarise(per_video: dict) -> dict:
     return summary
 
 
-TABLE = (("face_sim", "FaceSim ↑"), ("face_frames", "face frames"), ("scene_acc", "scene acc ↑"),
+TABLE = (("face_sim", "FaceSim ↑"), ("id_top1", "ID top-1 ↑"), ("face_frames", "face frames"), ("scene_acc", "scene acc ↑"),
          ("action_acc", "action acc ↑"), ("temporal_id", "temporal ID ↑"), ("smoothness", "smoothness ↑"),
          ("dynamic", "dynamic"), ("copy_paste", "copy-paste ↓"))
 
@@ -280,8 +296,10 @@ def benchmark(judges: Judges, ckpt, n: int = 32, steps: int = 20, s_y: float = 5
                  (batch["ref"][b], batch["video"][b], "real clip of the same identity"))]
         Path(sheet).parent.mkdir(parents=True, exist_ok=True)
         contact_sheet(rows).save(sheet)
-    return {"real videos": summarise(evaluate_videos(judges, batch["video"], batch["ref"], batch["prompt"])),
-            f"ST-DRC ({Path(ckpt).name})": summarise(evaluate_videos(judges, videos.float(), batch["ref"], batch["prompt"]))}
+    ids = batch["identity"]
+    print(f"id_top1 chance: {(ids[:, None] == ids[None]).float().mean():.3f}", file=sys.stderr)
+    return {"real videos": summarise(evaluate_videos(judges, batch["video"], batch["ref"], batch["prompt"], ids)),
+            f"ST-DRC ({Path(ckpt).name})": summarise(evaluate_videos(judges, videos.float(), batch["ref"], batch["prompt"], ids))}
 
 
 @torch.no_grad()

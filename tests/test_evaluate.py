@@ -33,7 +33,7 @@ def clips():
 
 @pytest.fixture(scope="module")
 def real(judges, clips):
-    return evaluate.evaluate_videos(judges, clips["video"], clips["ref"], clips["prompt"])
+    return evaluate.evaluate_videos(judges, clips["video"], clips["ref"], clips["prompt"], clips["identity"])
 
 
 def mean(x):
@@ -42,7 +42,7 @@ def mean(x):
 
 def test_real_clips_score_high(real):
     assert mean(real["face_frames"]) > 0.95 and real["skipped_frames"].sum() <= 0.05 * N * 9
-    assert mean(real["face_sim"]) > 0.6 and mean(real["temporal_id"]) > 0.8
+    assert mean(real["face_sim"]) > 0.6 and mean(real["temporal_id"]) > 0.8 and mean(real["id_top1"]) > 0.8
     assert mean(real["scene_acc"]) >= 0.9 and mean(real["action_acc"]) >= 0.75
     assert mean(real["smoothness"]) > 0.95 and mean(real["dynamic"]) > 0.002
     assert mean(real["copy_scene"]) < 0.1  # cross-clip references are from another scene
@@ -51,12 +51,29 @@ def test_real_clips_score_high(real):
 def test_reference_of_another_identity_gives_chance_face_sim(judges, clips, real):
     other = clips["ref"].roll(1, 0)
     assert (clips["identity"].roll(1, 0) != clips["identity"]).all()
-    wrong = evaluate.evaluate_videos(judges, clips["video"], other, clips["prompt"])
+    wrong = evaluate.evaluate_videos(judges, clips["video"], other, clips["prompt"], clips["identity"])
     chance = faces.verification(judges.embedder, range(TEST_ID_START, TEST_ID_START + 60), 2, 32, seed=5,
                                 detector=judges.detector)["impostor_mean_cos"]
     assert abs(mean(wrong["face_sim"]) - chance) < 0.15
     assert mean(real["face_sim"]) > mean(wrong["face_sim"]) + 0.4
     torch.testing.assert_close(wrong["temporal_id"], real["temporal_id"])  # the reference plays no part
+    # Reference j now shows identity j-1 but carries j's label: each video's nearest reference is
+    # labelled with another identity, so identification falls from near 1 to near 0.
+    assert mean(wrong["id_top1"]) < 0.2
+
+
+def test_top1_identification_hand_values():
+    e_ref = torch.eye(3)  # three references, orthogonal faces
+    e_bar = torch.tensor([[0.9, 0.1, 0.0], [0.0, 0.2, 0.8], [0.0, 0.1, 0.9]])
+    e_bar = e_bar / e_bar.norm(dim=1, keepdim=True)
+    ids = torch.tensor([7, 8, 9])
+    present = torch.ones(3, dtype=torch.bool)
+    # video 0 -> ref 0 (right), video 1 -> ref 2 (wrong), video 2 -> ref 2 (right)
+    assert evaluate.top1_identification(e_bar, e_ref, present, ids).tolist() == [1.0, 0.0, 1.0]
+    # two references of one identity: either one counts; a missing reference is never chosen
+    assert evaluate.top1_identification(e_bar, e_ref, present, torch.tensor([7, 8, 8])).tolist() == [1.0, 1.0, 1.0]
+    absent = torch.tensor([True, True, False])
+    assert evaluate.top1_identification(e_bar, e_ref, absent, ids).tolist() == [1.0, 1.0, 0.0]
 
 
 def test_random_prompts_give_chance_prompt_alignment(judges, clips):
