@@ -404,6 +404,22 @@ def dit_step(cfg, pipe, model, embedder, batch, g, autocast):
     return loss, logs, B * (T + (z_ref is not None)) * H * W  # tokens: video + reference
 
 
+def open_metrics(path: Path, resumed_step: int | None):
+    """metrics.jsonl to append to. On resume, first drop the rows a stopped run logged after its
+    last checkpoint (and a line cut off mid-write), so each step is logged once."""
+    def before_checkpoint(line: str) -> bool:
+        try:
+            return json.loads(line)["step"] <= resumed_step
+        except (ValueError, KeyError):
+            return False
+
+    if resumed_step is not None and path.exists():
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(line for line in path.read_text().splitlines(keepends=True) if before_checkpoint(line)))
+        tmp.replace(path)
+    return open(path, "a")
+
+
 def train(cfg: TrainConfig) -> Path:
     rank, world, device = setup_distributed(cfg)
     torch.manual_seed(cfg.seed)
@@ -432,7 +448,7 @@ def train(cfg: TrainConfig) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     bar = tqdm(total=cfg.steps, initial=step, disable=rank != 0 or not cfg.progress, desc=f"{cfg.stage}")
-    metrics = open(out / "metrics.jsonl", "a") if rank == 0 else None
+    metrics = open_metrics(out / "metrics.jsonl", step if cfg.resume else None) if rank == 0 else None
     tic, tokens_seen = time.perf_counter(), 0
     while step < cfg.steps:
         g, batch = next_batch(step)

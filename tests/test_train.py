@@ -46,7 +46,13 @@ def test_resume_continues_exactly(vae_ckpt, tmp_path):
     full, half = tmp_path / "full", tmp_path / "half"
     run(["--stage", "dit", "--init", str(vae_ckpt), "--steps", "4", "--save-every", "4", "--out", str(full)])
     run(["--stage", "dit", "--init", str(vae_ckpt), "--steps", "2", "--save-every", "2", "--out", str(half)])
+    with open(half / "metrics.jsonl", "a") as f:  # a stopped run logged step 3 after its checkpoint, then a cut line
+        f.write(json.dumps({"step": 3, "loss": 9.0}) + '\n{"step": 4, "lo')
     run(["--stage", "dit", "--steps", "4", "--save-every", "2", "--out", str(half), "--resume"])
+    logged = [json.loads(line) for line in (half / "metrics.jsonl").read_text().splitlines()]
+    reference = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in logged] == [1, 2, 3, 4]  # each step once: the stopped run's step 3 is gone
+    assert [row["loss"] for row in logged] == [row["loss"] for row in reference]
     (wa, sa), (wb, sb) = weights(full), weights(half)
     assert sa["step"] == sb["step"] == 4
     assert wa.keys() == wb.keys()
