@@ -128,11 +128,16 @@ def save(folder: str | os.PathLike, pipe: Pipeline, weights: dict[str, torch.Ten
     return folder
 
 
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write a text file under a temporary name, then rename it into place."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def write_latest(run: str | os.PathLike, name: str) -> None:
-    run = Path(run)
-    tmp = run / f".latest.tmp{os.getpid()}"
-    tmp.write_text(name + "\n")
-    os.replace(tmp, run / "latest")
+    write_text_atomic(Path(run) / "latest", name + "\n")
 
 
 def resolve(path: str | os.PathLike) -> Path:

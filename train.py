@@ -414,9 +414,8 @@ def open_metrics(path: Path, resumed_step: int | None):
             return False
 
     if resumed_step is not None and path.exists():
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(line for line in path.read_text().splitlines(keepends=True) if before_checkpoint(line)))
-        tmp.replace(path)
+        kept = "".join(line for line in path.read_text().splitlines(keepends=True) if before_checkpoint(line))
+        checkpoint.write_text_atomic(path, kept)
     return open(path, "a")
 
 
