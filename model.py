@@ -302,6 +302,15 @@ class DiT(nn.Module):
         return x.transpose(1, 2).reshape(B, C, T, H, W)
 
 
+def identity_blocks(dit: DiT, start: int) -> None:
+    """Zero the output projections of blocks[start:] (both attentions and the FFN): each such block is then
+    x -> x, so a DiT deepened by appending them computes the shallower DiT's function (DiT's zero-init residuals)."""
+    for block in dit.blocks[start:]:
+        for out in (block.attn1.to_out, block.attn2.to_out, block.ff[2]):
+            nn.init.zeros_(out.weight)
+            nn.init.zeros_(out.bias)
+
+
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 

@@ -36,6 +36,7 @@ import data
 from guidance import dropout_masks, shift_for_tokens, shift_time
 from losses import add_noise, clean_estimate, flow_loss, identity_loss, temporal_identity_loss, total_loss, w_aux
 import ltx2
+from model import identity_blocks
 from text import EMPTY_PROMPT, check_text_width, pad_prompt_embeds, text_pair, tokenize
 
 
@@ -60,6 +61,7 @@ class TrainConfig:
     lr: float = flag(5e-5, "AdamW learning rate (paper: 5e-5)")
     weight_decay: float = flag(0.0, "AdamW weight decay")
     warmup: int = flag(50, "linear learning-rate warm-up steps")
+    cooldown: int = flag(0, "linear learning-rate decay to 0 over the last N of --steps (0: constant after warm-up)")
     grad_clip: float = flag(1.0, "gradient norm clip (0: off)")
     ema: float = flag(0.999, "EMA decay of the trained weights (0: off)")
     p_y: float = flag(0.05, "probability of dropping the text (paper: 0.05)")
@@ -77,6 +79,8 @@ class TrainConfig:
                              "on rank 0; CPU: gloo, fp32")
     bf16: bool = flag(True, "bf16 compute on GPU: autocast, and bf16 parameters under --fsdp")
     grad_checkpoint: bool = flag(False, "activation checkpointing of every DiT block")
+    depth: int = flag(0, "DiT blocks (0: the preset's); more than --init's DiT has grows it: the new blocks are "
+                         "appended as the identity (zero output projections), so training starts from --init's function")
     attn: str = flag("torch", "attention backend: torch or triton")
     log_every: int = flag(10, "steps between metric lines")
     save_every: int = flag(500, "steps between checkpoints (and at the end)")
@@ -247,7 +251,9 @@ def peak_memory_gb(device) -> float:
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+    """Linear warm-up, constant, then (--cooldown N) linear decay over the last N steps, ending at lr / N."""
+    cool = (cfg.steps - step) / cfg.cooldown if cfg.cooldown else 1.0
+    return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup), cool)
 
 
 @torch.no_grad()
@@ -267,16 +273,30 @@ def preset_checkpoint(path: str, preset: str, flag: str) -> Path:
     return src
 
 
+def deepened(weights: dict[str, torch.Tensor], dit: nn.Module) -> dict[str, torch.Tensor]:
+    """--init's weights for a DiT with as many or more blocks: the blocks the checkpoint lacks are `dit`'s own,
+    made the identity (model.identity_blocks), so the deeper DiT computes --init's function at step 0."""
+    n = len({k.split(".")[2] for k in weights if k.startswith("dit.blocks.")})
+    if n == 0 or n == len(dit.blocks):
+        return weights
+    if n > len(dit.blocks):
+        raise ValueError(f"--depth {len(dit.blocks)} is shallower than --init's DiT ({n} blocks); a DiT only grows")
+    identity_blocks(dit, n)
+    return {**checkpoint.state_dict({"dit": dit}), **weights}
+
+
 def build(cfg: TrainConfig, device) -> checkpoint.Pipeline:
     """The pipeline: fresh for this preset, from --init (a checkpoint of the same preset), or for
     --config ltx2 from LTX-2.3 weights (or a checkpoint of an ltx2 run, rebuilt from its config)."""
-    overrides = dict(ref_mode=None if cfg.ref == "none" else cfg.ref, attn_backend=cfg.attn,
+    overrides = dict(ref_mode=None if cfg.ref == "none" else cfg.ref, attn_backend=cfg.attn, depth=cfg.depth or None,
                      grad_checkpoint=cfg.grad_checkpoint, fps=cfg.fps)
     from_ltx2 = bool(cfg.init) and ltx2.find_transformer(cfg.init) is not None
     if from_ltx2 and cfg.config != "ltx2":
         sys.exit(f"train.py: --init {cfg.init} is an LTX-2.3 transformer checkpoint: pass --config ltx2")
     if cfg.config == "ltx2" and cfg.stage == "vae":
         sys.exit("train.py: --config ltx2 keeps the LTX-2 VAE frozen; --stage vae trains the project's own VAE")
+    if cfg.config == "ltx2" and cfg.depth:
+        sys.exit("train.py: --depth grows the project's own DiT presets; an LTX-2.3 DiT keeps its 48 blocks")
     if cfg.config == "ltx2" and not cfg.init:
         sys.exit("train.py: --config ltx2 starts from LTX-2.3 weights: pass --init <LTX-2.3 transformer: diffusers "
                  "folder or .safetensors> and --vae <LTX-2 VAE folder>")
@@ -294,7 +314,8 @@ def build(cfg: TrainConfig, device) -> checkpoint.Pipeline:
             else:
                 pipe = checkpoint.build_pipeline(cfg.config, **overrides)
                 if src:
-                    checkpoint.load_state(pipe.modules(), checkpoint.load_file(str(src / "model.safetensors")), strict=False)
+                    weights = checkpoint.load_file(str(src / "model.safetensors"))
+                    checkpoint.load_state(pipe.modules(), deepened(weights, pipe.dit), strict=False)
                 if cfg.vae:  # another checkpoint's VAE (e.g. one trained further) in place of --init's
                     vae_src = preset_checkpoint(cfg.vae, cfg.config, "--vae")
                     checkpoint.load_state({"vae": pipe.vae}, checkpoint.load_file(str(vae_src / "model.safetensors")))

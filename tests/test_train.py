@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import checkpoint
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,6 +79,36 @@ def test_vae_flag_swaps_in_another_checkpoints_vae(vae_ckpt, tmp_path):
         assert torch.equal(w_out[k], (w_vae if k.startswith("vae.") else w_dit)[k]), k
     with pytest.raises(SystemExit, match="--config tiny, not demo"):
         train.train(train.parse_args(["--config", "demo", "--vae", str(vae2), "--out", str(tmp_path), "--steps", "1"]))
+
+
+def test_learning_rate_warm_up_and_cooldown_hand_values():
+    cfg = train.parse_args(["--lr", "2", "--warmup", "4", "--steps", "10", "--cooldown", "5"])
+    assert [train.lr_at(s, cfg) for s in range(10)] == pytest.approx([0.5, 1, 1.5, 2, 2, 2, 1.6, 1.2, 0.8, 0.4])
+    cfg.cooldown = 0  # constant after the warm-up
+    assert [train.lr_at(s, cfg) for s in range(3, 10)] == [2.0] * 7
+
+
+def test_depth_grows_the_init_dit_as_the_same_function(vae_ckpt, tmp_path):
+    """--depth 4 from a 2-block tiny DiT: the grown DiT equals the checkpoint's own (loaded independently) at
+    step 0, and its new blocks train; a shallower --depth is a clear error."""
+    shallow, grown = tmp_path / "shallow", tmp_path / "grown"
+    run(["--stage", "dit", "--init", str(vae_ckpt), "--steps", "2", "--ema", "0", "--out", str(shallow)])
+    pipe = train.build(train.parse_args(COMMON + ["--init", str(shallow), "--depth", "4"]), torch.device("cpu"))
+    ref, _ = checkpoint.load(shallow)
+    assert (len(pipe.dit.blocks), len(ref.dit.blocks)) == (4, 2)
+    g = torch.Generator().manual_seed(0)
+    z, z_ref, y = torch.randn(2, 8, 3, 8, 8, generator=g), torch.randn(2, 8, 8, 8, generator=g), torch.randn(2, 5, 64, generator=g)
+    t, y_mask = torch.tensor([0.3, 0.9]), torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+    with torch.no_grad():
+        a = pipe.dit(z, t, y, y_mask, z_ref=z_ref, ref_keep=torch.tensor([True, False]))
+        b = ref.dit(z, t, y, y_mask, z_ref=z_ref, ref_keep=torch.tensor([True, False]))
+    assert b.abs().max() > 1e-3  # the trained DiT's velocity is not the zero-initialised output
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    run(["--stage", "dit", "--init", str(shallow), "--depth", "4", "--steps", "1", "--out", str(grown)])
+    w, _ = weights(grown)
+    assert w["dit.blocks.3.ff.2.weight"].abs().max() > 0  # the new blocks leave the identity
+    with pytest.raises(SystemExit, match="shallower than --init's DiT"):
+        run(["--stage", "dit", "--init", str(grown), "--depth", "2", "--steps", "1", "--out", str(tmp_path / "x")])
 
 
 def test_vae_stage_writes_latent_statistics(vae_ckpt):
