@@ -61,7 +61,7 @@ class TrainConfig:
     lr: float = flag(5e-5, "AdamW learning rate (paper: 5e-5)")
     weight_decay: float = flag(0.0, "AdamW weight decay")
     warmup: int = flag(50, "linear learning-rate warm-up steps")
-    cooldown: int = flag(0, "linear learning-rate decay to 0 over the last N of --steps (0: constant after warm-up)")
+    cooldown: int = flag(0, "linear learning-rate decay over the last N of --steps, to lr / N at the last (0: constant after warm-up)")
     grad_clip: float = flag(1.0, "gradient norm clip (0: off)")
     ema: float = flag(0.999, "EMA decay of the trained weights (0: off)")
     p_y: float = flag(0.05, "probability of dropping the text (paper: 0.05)")
