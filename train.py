@@ -280,7 +280,8 @@ def deepened(weights: dict[str, torch.Tensor], dit: nn.Module) -> dict[str, torc
     if n == 0 or n == len(dit.blocks):
         return weights
     if n > len(dit.blocks):
-        raise ValueError(f"--depth {len(dit.blocks)} is shallower than --init's DiT ({n} blocks); a DiT only grows")
+        raise ValueError(f"a DiT of {len(dit.blocks)} blocks is shallower than --init's DiT ({n} blocks; a DiT only "
+                         f"grows): pass --depth {n} or more, also with --resume of a grown run")
     identity_blocks(dit, n)
     return {**checkpoint.state_dict({"dit": dit}), **weights}
 
