@@ -69,6 +69,8 @@ class TrainConfig:
     lambda_id: float = flag(0.1, "weight of L_id (paper: 0.1); needs --face-model")
     lambda_tic: float = flag(0.05, "weight of L_tic (paper: 0.05); needs --face-model")
     gamma: float = flag(1.0, "exponent of w_aux(t) = (SNR / (SNR + 1))^gamma")
+    t_dist: str = flag("logit-normal", "training times t: logit-normal shifted like the sampler (LTX) or uniform on "
+                                       "(0, 1), which trains the low-noise steps that draw fine detail far more often")
     face_model: str = flag("", "face embedder for L_id / L_tic (faces.py); empty: flow loss only")
     id_frames: int = flag(2, "latent frames decoded for the face loss (from the first)")
     ref_source: str = flag("cross", "synthetic references: cross (other clip of the identity), in_clip, or mix")
@@ -218,8 +220,10 @@ class Denoiser(nn.Module):
         return self.dit(z_t, t, y, mask, z_ref=z_ref, ref_keep=ref_keep)
 
 
-def sample_t(batch: int, mu: float, g: torch.Generator) -> torch.Tensor:
-    """Training times: logit-normal u, shifted like the sampler's schedule (guidance.shift_time)."""
+def sample_t(batch: int, mu: float, g: torch.Generator, dist: str = "logit-normal") -> torch.Tensor:
+    """Training times: logit-normal u shifted like the sampler's schedule (guidance.shift_time), or uniform t."""
+    if dist == "uniform":
+        return torch.rand(batch, generator=g)
     return shift_time(torch.sigmoid(torch.randn(batch, generator=g)), mu)
 
 
@@ -408,7 +412,7 @@ def dit_step(cfg, pipe, model, embedder, batch, g, autocast):
     keep_y, keep_r = dropout_masks(B, cfg.p_y, cfg.p_r, g)  # Sec. 3.4, independent dropout
     tokens, mask, embeds = text_inputs(pipe, batch, keep_y)
     T, H, W = z_0.shape[2:]
-    t = sample_t(B, shift_for_tokens(T * H * W), g).to(device)
+    t = sample_t(B, shift_for_tokens(T * H * W), g, cfg.t_dist).to(device)
     eps = torch.randn(z_0.shape, generator=g).to(device)
     z_t = add_noise(z_0, eps, t)
     keep_r = keep_r.to(device)
@@ -442,6 +446,8 @@ def open_metrics(path: Path, resumed_step: int | None):
 
 
 def train(cfg: TrainConfig) -> Path:
+    if cfg.t_dist not in ("logit-normal", "uniform"):
+        raise SystemExit(f"--t-dist {cfg.t_dist!r}: use logit-normal or uniform")
     rank, world, device = setup_distributed(cfg)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)

@@ -1,6 +1,7 @@
 """End-to-end training on the tiny config, CPU: resume exactness, torchrun DDP and FSDP2 (gloo), clear errors."""
 import contextlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -86,6 +87,19 @@ def test_learning_rate_warm_up_and_cooldown_hand_values():
     assert [train.lr_at(s, cfg) for s in range(10)] == pytest.approx([0.5, 1, 1.5, 2, 2, 2, 1.6, 1.2, 0.8, 0.4])
     cfg.cooldown = 0  # constant after the warm-up
     assert [train.lr_at(s, cfg) for s in range(3, 10)] == [2.0] * 7
+
+
+def test_training_time_distributions_match_their_closed_form_cdfs():
+    g = torch.Generator().manual_seed(0)
+    mu, n = 0.65, 200_000
+    for c in (0.05, 0.2, 0.5, 0.9):
+        # logit-normal u, warped: t < c  <=>  u < c / (e^mu - (e^mu - 1) c)  <=>  z < logit(u_c), P = Phi(logit(u_c))
+        u_c = c / (math.exp(mu) - (math.exp(mu) - 1) * c)
+        phi = 0.5 * (1 + math.erf(math.log(u_c / (1 - u_c)) / math.sqrt(2)))
+        assert (train.sample_t(n, mu, g) < c).double().mean().item() == pytest.approx(phi, abs=0.004)
+        assert (train.sample_t(n, mu, g, "uniform") < c).double().mean().item() == pytest.approx(c, abs=0.004)
+    with pytest.raises(SystemExit, match="use logit-normal or uniform"):
+        run(["--t-dist", "beta", "--steps", "1"])
 
 
 def test_depth_grows_the_init_dit_as_the_same_function(vae_ckpt, tmp_path):
