@@ -282,7 +282,8 @@ def markdown_table(rows: dict[str, dict]) -> str:
 def benchmark(judges: Judges, ckpt, n: int = 32, steps: int = 20, s_y: float = 5.0, s_r: float = 7.5,
               seed: int = 0, device="cpu", sheet: str | None = None, sheet_rows: int = 4) -> dict[str, dict]:
     """The synthetic test set (held-out identities, cross-clip references, template prompts):
-    its ground-truth clips ("real videos") and the model's videos, each summarised. `sheet`:
+    its ground-truth clips ("real videos"), those clips through the VAE (the ceiling of any DiT
+    on it) and the model's videos, each summarised. `sheet`:
     a PNG of the first sheet_rows clips, each generated row above the real clip of its identity."""
     pipe, _ = checkpoint.load(ckpt, device)
     batch = SynthWorld().sample(n, "test", pipe.frames, pipe.size, "cross", seed=seed)
@@ -298,7 +299,10 @@ def benchmark(judges: Judges, ckpt, n: int = 32, steps: int = 20, s_y: float = 5
         contact_sheet(rows).save(sheet)
     ids = batch["identity"]
     print(f"id_top1 chance: {(ids[:, None] == ids[None]).float().mean():.3f}", file=sys.stderr)
+    with torch.no_grad():  # decode(encode(x)): what any DiT on this VAE can at best give back
+        recon = pipe.vae.eval().decode(pipe.vae.encode(batch["video"].to(device))).cpu().float()
     return {"real videos": summarise(evaluate_videos(judges, batch["video"], batch["ref"], batch["prompt"], ids)),
+            "real videos through the VAE": summarise(evaluate_videos(judges, recon, batch["ref"], batch["prompt"], ids)),
             f"ST-DRC ({Path(ckpt).name})": summarise(evaluate_videos(judges, videos.float(), batch["ref"], batch["prompt"], ids))}
 
 

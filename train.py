@@ -38,6 +38,7 @@ from losses import add_noise, clean_estimate, flow_loss, identity_loss, temporal
 import ltx2
 from model import identity_blocks
 from text import EMPTY_PROMPT, check_text_width, pad_prompt_embeds, text_pair, tokenize
+from vae import face_weight
 
 
 @dataclass
@@ -69,6 +70,8 @@ class TrainConfig:
     lambda_id: float = flag(0.1, "weight of L_id (paper: 0.1); needs --face-model")
     lambda_tic: float = flag(0.05, "weight of L_tic (paper: 0.05); needs --face-model")
     gamma: float = flag(1.0, "exponent of w_aux(t) = (SNR / (SNR + 1))^gamma")
+    face_weight: float = flag(0.0, "vae stage: extra L1 weight alpha inside a square around each frame's face landmarks "
+                                   "(weight 1 + alpha there, 1 elsewhere; 0: plain L1)")
     t_dist: str = flag("logit-normal", "training times t: logit-normal shifted like the sampler (LTX) or uniform on "
                                        "(0, 1), which trains the low-noise steps that draw fine detail far more often")
     face_model: str = flag("", "face embedder for L_id / L_tic (faces.py); empty: flow loss only")
@@ -203,8 +206,8 @@ class VAETrainer(nn.Module):
         super().__init__()
         self.vae = vae
 
-    def forward(self, video):
-        return self.vae.loss(video)
+    def forward(self, video, weight=None):
+        return self.vae.loss(video, weight)
 
 
 class Denoiser(nn.Module):
@@ -348,20 +351,25 @@ def batches(cfg: TrainConfig, pipe, rank: int, world: int, device):
     if len(loader) == 0:  # drop_last with fewer clips than a step needs would loop forever
         sys.exit(f"train.py: {cfg.data} has {len(dataset)} clips, fewer than one step needs ({world} processes x "
                  f"--batch {cfg.batch}): lower --batch or add clips")
-    state = {"it": iter(loader), "epoch": 0, "skipped": 0}
+    state = {"it": iter(loader), "epoch": 0, "skipped": 0, "read": 0, "error": ""}
 
     def manifest(step):
         while True:
             try:
                 b = next(state["it"])
             except StopIteration:
+                if not state["read"]:  # a whole epoch of unreadable clips would loop forever
+                    sys.exit(f"train.py: no clip of {cfg.data} could be read ({state['skipped']} skipped; last: "
+                             f"{state['error']}): fix the files or the manifest")
                 state["epoch"] += 1
                 if sampler is not None:
                     sampler.set_epoch(state["epoch"])
                 state["it"] = iter(loader)
                 continue
             state["skipped"] += b["skipped"]
+            state["error"] = b["errors"][-1] if b["errors"] else state["error"]
             if "video" in b:
+                state["read"] += 1
                 break
         if state["skipped"] and rank == 0 and b["skipped"]:
             tqdm.write(f"skipped {state['skipped']} unreadable clips so far (last: {b['errors'][0]})")
@@ -372,9 +380,15 @@ def batches(cfg: TrainConfig, pipe, rank: int, world: int, device):
 
 # ----------------------------------------------------------------------------- stages
 
-def vae_step(model, batch, autocast):
+def vae_step(cfg, model, batch, autocast):
+    weight = None
+    if cfg.face_weight:  # face-weighted recon (vae.face_weight)
+        if "landmarks" not in batch:
+            raise SystemExit("train.py: --face-weight needs face landmarks: the synthetic world, or manifest lines "
+                             "with \"faces\" (python faces.py landmarks)")
+        weight = face_weight(batch["landmarks"], batch["video"].shape[-1], cfg.face_weight, batch.get("face_present"))
     with autocast:
-        terms = model(batch["video"])
+        terms = model(batch["video"], weight)
     return terms["total"], {k: v.item() for k, v in terms.items()}, batch["video"][:, 0].numel()  # tokens: pixels
 
 
@@ -483,7 +497,7 @@ def train(cfg: TrainConfig) -> Path:
             group["lr"] = lr_at(step, cfg)
         model.train()
         if cfg.stage == "vae":
-            loss, logs, tokens = vae_step(model, batch, autocast)
+            loss, logs, tokens = vae_step(cfg, model, batch, autocast)
         else:
             loss, logs, tokens = dit_step(cfg, pipe, model, embedder, batch, g, autocast)
         opt.zero_grad(set_to_none=True)

@@ -219,18 +219,36 @@ class VideoVAE(CausalShapes, nn.Module):
         """Normalised latents [B, C, T, h, w] -> pixels [B, 3, 1+tau*(T-1), h*s, w*s], roughly in [-1, 1]."""
         return self.decoder(self._as_latents(z) * _channel_view(self.latent_std) + _channel_view(self.latent_mean))
 
-    def loss(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Training losses on a clip or image batch: per-pixel L1 recon, per-latent-element KL, total."""
+    def loss(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Training losses on a clip or image batch: per-pixel L1 recon (a weighted mean with `weight`
+        [B, 1, F, H, W], e.g. face_weight), per-latent-element KL, total."""
         x = self._as_video(x)
         mu, logvar = self.encode_dist(x)
         z = mu + (0.5 * logvar).exp() * torch.randn_like(mu)
-        recon = (self.decoder(z) - x).abs().mean()
+        err = (self.decoder(z) - x).abs()
+        recon = err.mean() if weight is None else (err * weight).sum() / weight.expand_as(err).sum()
         kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).mean()
         return {"recon": recon, "kl": kl, "total": recon + self.config.kl_weight * kl}
 
     def set_latent_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         self.latent_mean.copy_(mean)
         self.latent_std.copy_(std)
+
+
+def face_weight(landmarks: torch.Tensor, size: int, alpha: float, present: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-pixel recon weight [B, 1, F, size, size]: 1 + alpha inside a square around each frame's
+    five landmarks [B, F, 5, 2] (pixels; half-side 1.75x their larger span: eyes to chin), 1
+    elsewhere and in frames where `present` [B, F] is False. Spends the VAE's few latent numbers
+    on the eyes, brows and mouth that carry identity, not only on the background."""
+    centre = landmarks.mean(-2)  # [B, F, 2]
+    half = 1.75 * (landmarks.amax(-2) - landmarks.amin(-2)).amax(-1)  # [B, F]
+    pix = torch.arange(size, device=landmarks.device, dtype=landmarks.dtype) + 0.5
+    dx = (pix - centre[..., 0, None]).abs() <= half[..., None]  # [B, F, W]
+    dy = (pix - centre[..., 1, None]).abs() <= half[..., None]  # [B, F, H]
+    inside = dy[..., :, None] & dx[..., None, :]
+    if present is not None:
+        inside = inside & present[..., None, None]
+    return (1 + alpha * inside.to(landmarks.dtype))[:, None]
 
 
 @torch.no_grad()

@@ -145,8 +145,9 @@ def test_benchmark_command_on_a_tiny_random_checkpoint(tmp_path, capsys):
             "--sheet", str(tmp_path / "sheet.png")]
     assert evaluate.main(args) == 0
     rows = json.loads(out.with_suffix(".json").read_text())
-    assert list(rows) == ["real videos", "ST-DRC (ckpt)"] and rows["real videos"]["videos"] == 2
+    assert list(rows) == ["real videos", "real videos through the VAE", "ST-DRC (ckpt)"] and rows["real videos"]["videos"] == 2
     assert rows["real videos"]["face_sim"] > 0.5
+    assert rows["real videos through the VAE"]["face_frames"] < 1  # an untrained VAE's output holds no detectable face
     assert "| real videos |" in capsys.readouterr().out and out.with_suffix(".md").is_file()
     # The sheet: generated / real rows for both clips, each 14 px of caption + 2x-scaled 32 px frames;
     # the second row's cells are the test set's real clip, rendered here independently.

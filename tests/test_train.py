@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 import checkpoint
@@ -145,6 +146,22 @@ def test_fsdp_without_torchrun_and_missing_manifest_are_clear_errors(tmp_path):
     (tmp_path / "one.jsonl").write_text(json.dumps({"video": "a.gif", "caption": "a person nods"}))
     with pytest.raises(SystemExit, match="has 1 clips, fewer than one step needs"):  # not an endless loop
         run(["--stage", "vae", "--data", str(tmp_path / "one.jsonl"), "--workers", "0", "--steps", "1", "--out", str(tmp_path)])
+
+
+def test_face_weighted_vae_stage_and_its_missing_landmarks_error(tmp_path):
+    run(["--stage", "vae", "--face-weight", "4", "--steps", "1", "--out", str(tmp_path / "synth")])  # synthetic: landmarks
+    rows = [json.loads(line) for line in (tmp_path / "synth" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["recon"] > 0
+    frames = [Image.new("RGB", (32, 32), (10 * i, 80, 160)) for i in range(12)]
+    frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:], duration=100)  # 1.2 s at 10 fps
+    (tmp_path / "real.jsonl").write_text(json.dumps({"video": str(tmp_path / "a.gif"), "caption": "a person nods"}) + "\n")
+    with pytest.raises(SystemExit, match="--face-weight needs face landmarks"):  # a manifest line without "faces"
+        run(["--stage", "vae", "--data", str(tmp_path / "real.jsonl"), "--batch", "1", "--workers", "0", "--face-weight", "4",
+             "--steps", "1", "--out", str(tmp_path / "real")])
+    frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:4], duration=100)  # 0.4 s: too short
+    with pytest.raises(SystemExit, match=r"no clip of .* could be read \(1 skipped; last: .*clip too short"):  # not an endless loop
+        run(["--stage", "vae", "--data", str(tmp_path / "real.jsonl"), "--batch", "1", "--workers", "0", "--steps", "1",
+             "--out", str(tmp_path / "real")])
 
 
 def test_torchrun_two_processes(vae_ckpt, tmp_path):

@@ -3,7 +3,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 from safetensors.torch import load_file, save_file
 
-from vae import VAE_CONFIGS, ResBlock, VAEConfig, VideoVAE, compute_latent_stats
+from vae import VAE_CONFIGS, ResBlock, VAEConfig, VideoVAE, compute_latent_stats, face_weight
 
 S = 16  # test frames are 16x16 -> 4x4 latents
 
@@ -183,6 +183,26 @@ def test_loss_backward_reaches_every_parameter():
     vae.loss(clip(5))["total"].backward()
     for name, p in vae.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+def test_face_weight_hand_square_and_weighted_recon():
+    # landmarks spanning 4 px around (12, 12): half-side 1.75 * 4 = 7, so pixel centres 5.5 .. 18.5
+    marks = torch.tensor([[10.0, 10], [14, 10], [12, 12], [10, 14], [14, 14]])
+    landmarks = torch.stack([marks, marks + torch.tensor([8.0, 4.0])])[None]  # [1, F=2, 5, 2], the second moved
+    w = face_weight(landmarks, 32, 4.0, present=torch.tensor([[True, False]]))
+    expected = torch.ones(1, 1, 2, 32, 32)
+    expected[0, 0, 0, 5:19, 5:19] = 5.0  # rows (y), then columns (x); the absent second frame stays at 1
+    assert torch.equal(w, expected)
+    assert torch.equal(face_weight(landmarks, 32, 4.0)[0, 0, 1] > 1, torch.nn.functional.pad(torch.ones(14, 14, dtype=torch.bool), (13, 5, 9, 9)))
+    # the weighted recon is sum(w |x^ - x|) / sum(w), w broadcast over the batch and the channels: with the decoder's output fixed by a seed
+    vae, x = make_vae(), clip(5)
+    w = 1 + torch.rand(1, 1, 5, *x.shape[-2:])
+    torch.manual_seed(0)
+    recon = vae.loss(x, w)["recon"]
+    torch.manual_seed(0)
+    mu, logvar = vae.encode_dist(x)
+    err = (vae.decoder(mu + (0.5 * logvar).exp() * torch.randn_like(mu)) - x).abs().double()
+    torch.testing.assert_close(recon.double(), (err * w).sum() / (w.double().sum() * x.shape[0] * x.shape[1]), rtol=1e-5, atol=0)
 
 
 def test_state_dict_round_trip_keeps_latent_stats(tmp_path):
