@@ -307,16 +307,25 @@ def benchmark(judges: Judges, ckpt, n: int = 32, steps: int = 20, s_y: float = 5
 
 
 @torch.no_grad()
-def reconstruction(vae, n: int = 64, size: int = 32, frames: int = 9, seed: int = 0, batch: int = 16) -> dict:
+def reconstruction(vae, n: int = 64, size: int = 32, frames: int = 9, seed: int = 0, batch: int = 16,
+                   sheet: str | None = None, sheet_rows: int = 4) -> dict:
     """The VAE on held-out clips and reference images of the synthetic world: PSNR (dB, pixel
-    range [-1, 1], so peak-to-peak 2) and mean absolute error of decode(encode(x)), the mean."""
+    range [-1, 1], so peak-to-peak 2) and mean absolute error of decode(encode(x)), the mean.
+    `sheet`: a PNG of the first sheet_rows clips (reference | frames), each above its reconstruction."""
     world, sums = SynthWorld(), {"video": [0.0, 0.0], "image": [0.0, 0.0]}
     for start in range(0, n, batch):
         b = world.sample(min(batch, n - start), "test", frames, size, "cross", seed=seed + start)
+        out = {}
         for kind, x in (("video", b["video"]), ("image", b["ref"])):
-            err = vae.decode(vae.encode(x)).reshape(x.shape) - x
+            out[kind] = vae.decode(vae.encode(x)).reshape(x.shape)
+            err = out[kind] - x
             sums[kind][0] += err.pow(2).mean().item() * len(x)
             sums[kind][1] += err.abs().mean().item() * len(x)
+        if sheet and start == 0:
+            Path(sheet).parent.mkdir(parents=True, exist_ok=True)
+            contact_sheet([row for k in range(min(len(b["ref"]), sheet_rows)) for row in
+                           ((b["ref"][k], b["video"][k], "held-out clip"),
+                            (out["image"][k], out["video"][k], "decode(encode(x))"))]).save(sheet)
     return {f"{stat}_{kind}": value for kind, (mse, l1) in sums.items()
             for stat, value in (("psnr", 10 * math.log10(4 / (mse / n))), ("l1", l1 / n))}
 
@@ -410,8 +419,9 @@ def main(argv=None) -> int:
     p.add_argument("--refs", nargs="+", default=[], help="reference image per video (or one for all)")
     p.add_argument("--prompts", nargs="+", default=[], help="prompt per video (or one for all)")
     p.add_argument("--out", default="out/evaluation", help="writes OUT.json and OUT.md")
-    p.add_argument("--sheet", default=None, help="--benchmark: PNG of generated rows above the real clips of their identities")
-    p.add_argument("--sheet-rows", type=int, default=4, help="--benchmark: test clips shown in --sheet")
+    p.add_argument("--sheet", default=None, help="--benchmark: PNG of generated rows above the real clips of their "
+                                                  "identities; --recon: held-out clips above their reconstructions")
+    p.add_argument("--sheet-rows", type=int, default=4, help="--benchmark, --recon: test clips shown in --sheet")
     p.add_argument("--face-model", default=str(faces.SYNTH_FACE_MODEL), help="synthetic face detector + embedder folder")
     p.add_argument("--face-onnx", default=None, help="InsightFace ArcFace .onnx to embed faces with instead")
     p.add_argument("--world-model", default=str(WORLD_MODEL), help="scene and action classifier folder")
@@ -433,7 +443,8 @@ def main(argv=None) -> int:
     try:
         if args.recon:
             pipe, _ = checkpoint.load(args.ckpt)
-            print(json.dumps(reconstruction(pipe.vae.eval(), args.n, pipe.size, pipe.frames, args.seed), indent=2))
+            print(json.dumps(reconstruction(pipe.vae.eval(), args.n, pipe.size, pipe.frames, args.seed,
+                                            sheet=args.sheet, sheet_rows=args.sheet_rows), indent=2))
             return 0
         judges = load_judges(args.face_model, args.world_model, args.face_onnx)
         if args.benchmark:

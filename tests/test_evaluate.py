@@ -180,7 +180,7 @@ def test_world_classifier_training_end_to_end(tmp_path):
         evaluate.load_world_models(tmp_path / "none")
 
 
-def test_reconstruction_psnr_hand_value():
+def test_reconstruction_psnr_hand_value(tmp_path):
     class Shifted:  # decode(encode(x)) = x + 0.1 everywhere: MSE 0.01, L1 0.1
         def encode(self, x):
             return x
@@ -188,8 +188,14 @@ def test_reconstruction_psnr_hand_value():
         def decode(self, z):
             return z + 0.1
 
-    r = evaluate.reconstruction(Shifted(), n=5, batch=2)
+    r = evaluate.reconstruction(Shifted(), n=5, batch=2, sheet=str(tmp_path / "recon.png"), sheet_rows=2)
     assert set(r) == {"psnr_video", "l1_video", "psnr_image", "l1_image"}
     for kind in ("video", "image"):
         assert r[f"psnr_{kind}"] == pytest.approx(10 * np.log10(4 / 0.01), abs=1e-4)  # 26.02 dB
         assert r[f"l1_{kind}"] == pytest.approx(0.1, abs=1e-6)
+    # the sheet: clip / reconstruction for the first 2 clips; row 2 is clip 0 shifted by 0.1 (12.75 levels of 255)
+    sheet = np.asarray(Image.open(tmp_path / "recon.png").convert("RGB")).astype(int)
+    assert sheet.shape == (4 * (14 + 64), 10 * 64, 3)
+    clip = SynthWorld().sample(2, "test", 9, 32, "cross", seed=0)["video"][0]
+    cell = sheet[78 + 14: 78 + 14 + 64, 64 * 5: 64 * 6: 2][::2]  # frame 4 of the reconstruction, 1x
+    assert np.abs(cell - data.to_uint8((clip[:, 4] + 0.1).clamp(-1, 1)).astype(int)).max() <= 1
