@@ -461,7 +461,7 @@ def open_metrics(path: Path, resumed_step: int | None):
 
 def train(cfg: TrainConfig) -> Path:
     if cfg.t_dist not in ("logit-normal", "uniform"):
-        raise SystemExit(f"--t-dist {cfg.t_dist!r}: use logit-normal or uniform")
+        raise SystemExit(f"train.py: --t-dist {cfg.t_dist!r}: use logit-normal or uniform")
     rank, world, device = setup_distributed(cfg)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
