@@ -41,6 +41,9 @@ from text import EMPTY_PROMPT, check_text_width, pad_prompt_embeds, text_pair, t
 from vae import face_weight
 
 
+T_DISTS = ("logit-normal", "uniform")  # --t-dist, see sample_t
+
+
 @dataclass
 class TrainConfig:
     stage: str = flag("dit", "vae: train the VAE then compute its latent statistics; dit: train text encoder + DiT")
@@ -460,8 +463,8 @@ def open_metrics(path: Path, resumed_step: int | None):
 
 
 def train(cfg: TrainConfig) -> Path:
-    if cfg.t_dist not in ("logit-normal", "uniform"):
-        raise SystemExit(f"train.py: --t-dist {cfg.t_dist!r}: use logit-normal or uniform")
+    if cfg.t_dist not in T_DISTS:
+        raise SystemExit(f"train.py: --t-dist {cfg.t_dist!r}: use {' or '.join(T_DISTS)}")
     rank, world, device = setup_distributed(cfg)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)

@@ -237,7 +237,7 @@ class VideoVAE(CausalShapes, nn.Module):
 
 def face_weight(landmarks: torch.Tensor, size: int, alpha: float, present: torch.Tensor | None = None) -> torch.Tensor:
     """Per-pixel recon weight [B, 1, F, size, size]: 1 + alpha inside a square around each frame's
-    five landmarks [B, F, 5, 2] (pixels; half-side 1.75x their larger span: eyes to chin), 1
+    five landmarks [B, F, 5, 2] (pixels; half-side 1.75x their larger span, eyes to mouth), 1
     elsewhere and in frames where `present` [B, F] is False. Spends the VAE's few latent numbers
     on the eyes, brows and mouth that carry identity, not only on the background."""
     centre = landmarks.mean(-2)  # [B, F, 2]
