@@ -280,13 +280,15 @@ def markdown_table(rows: dict[str, dict]) -> str:
 # ----------------------------------------------------------------------------- benchmark on the synthetic world
 
 def benchmark(judges: Judges, ckpt, n: int = 32, steps: int = 20, s_y: float = 5.0, s_r: float = 7.5,
-              seed: int = 0, device="cpu", sheet: str | None = None, sheet_rows: int = 4) -> dict[str, dict]:
-    """The synthetic test set (held-out identities, cross-clip references, template prompts):
+              seed: int = 0, device="cpu", sheet: str | None = None, sheet_rows: int = 4,
+              ref: str = "cross") -> dict[str, dict]:
+    """The synthetic test set (held-out identities, template prompts, references as SynthWorld.sample's
+    `ref`: "cross", another clip of the identity, or "in_clip", a frame of the clip itself):
     its ground-truth clips ("real videos"), those clips through the VAE (the ceiling of any DiT
     on it) and the model's videos, each summarised. `sheet`:
     a PNG of the first sheet_rows clips, each generated row above the real clip of its identity."""
     pipe, _ = checkpoint.load(ckpt, device)
-    batch = SynthWorld().sample(n, "test", pipe.frames, pipe.size, "cross", seed=seed)
+    batch = SynthWorld().sample(n, "test", pipe.frames, pipe.size, ref, seed=seed)
     start = time.perf_counter()
     videos = torch.stack([generate(pipe, batch["ref"][b], batch["prompt"][b], s_y, s_r, steps, seed + b, progress=False).cpu()
                           for b in range(n)])
@@ -415,6 +417,10 @@ def main(argv=None) -> int:
     p.add_argument("--s-text", type=float, default=5.0, help="text guidance scale s_y")
     p.add_argument("--s-ref", type=float, default=7.5, help="reference guidance scale s_r")
     p.add_argument("--seed", type=int, default=0, help="seed of the test set and the noise")
+    p.add_argument("--ref-source", default="cross", choices=("cross", "in_clip"),
+                   help="--benchmark references: cross (another clip of the identity: other pose, light, scene; the "
+                        "paper's setting) or in_clip (a frame of the clip itself: nothing to transfer, so the gap to "
+                        "the through-the-VAE row is the DiT failing to draw the face, not to carry it across pose)")
     p.add_argument("--videos", nargs="+", default=None, help="video files or folders of them to score")
     p.add_argument("--refs", nargs="+", default=[], help="reference image per video (or one for all)")
     p.add_argument("--prompts", nargs="+", default=[], help="prompt per video (or one for all)")
@@ -449,7 +455,7 @@ def main(argv=None) -> int:
         judges = load_judges(args.face_model, args.world_model, args.face_onnx)
         if args.benchmark:
             rows = benchmark(judges, args.ckpt, args.n, args.steps, args.s_text, args.s_ref, args.seed, args.device,
-                             args.sheet, args.sheet_rows)
+                             args.sheet, args.sheet_rows, args.ref_source)
         else:
             per_video = [evaluate_videos(judges, *item) for item in read_videos(args.videos, args.refs, args.prompts)]
             rows = {"videos": summarise({k: torch.cat([m[k] for m in per_video]) for k in per_video[0]})}

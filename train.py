@@ -296,6 +296,18 @@ def deepened(weights: dict[str, torch.Tensor], dit: nn.Module) -> dict[str, torc
     return {**checkpoint.state_dict({"dit": dit}), **weights}
 
 
+def rewidened(weights: dict[str, torch.Tensor], dit: nn.Module) -> dict[str, torch.Tensor]:
+    """--init's weights for a DiT on latents of another width (a --vae with more or fewer latent channels):
+    the DiT's 1x1x1 patchify and output projection, the only layers that see a latent channel, are `dit`'s own
+    (fresh: random in, zero out); every block, the text path and the timestep embedding are --init's."""
+    own = {k: v for k, v in checkpoint.state_dict({"dit": dit}).items() if k.split(".")[1] in ("patchify", "proj_out")}
+    if all(weights.get(k, v).shape == v.shape for k, v in own.items()):
+        return weights
+    print(f"train.py: --init's DiT takes {weights['dit.patchify.weight'].shape[1]} latent channels, the VAE gives "
+          f"{dit.cfg.in_channels}: its patchify and proj_out start fresh", file=sys.stderr)
+    return {**weights, **own}
+
+
 def build(cfg: TrainConfig, device) -> checkpoint.Pipeline:
     """The pipeline: fresh for this preset, from --init (a checkpoint of the same preset), or for
     --config ltx2 from LTX-2.3 weights (or a checkpoint of an ltx2 run, rebuilt from its config)."""
@@ -326,6 +338,8 @@ def build(cfg: TrainConfig, device) -> checkpoint.Pipeline:
                 pipe = checkpoint.build_pipeline(cfg.config, **overrides)
                 if src:
                     weights = checkpoint.load_file(str(src / "model.safetensors"))
+                    if cfg.vae:  # --vae's VAE replaces --init's, which may be of another latent width
+                        weights = rewidened({k: v for k, v in weights.items() if not k.startswith("vae.")}, pipe.dit)
                     checkpoint.load_state(pipe.modules(), deepened(weights, pipe.dit), strict=False)
                 if cfg.vae:  # another checkpoint's VAE (e.g. one trained further) in place of --init's
                     vae_src = preset_checkpoint(cfg.vae, cfg.config, "--vae")

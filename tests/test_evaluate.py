@@ -156,6 +156,12 @@ def test_benchmark_command_on_a_tiny_random_checkpoint(tmp_path, capsys):
     real = SynthWorld().sample(2, "test", 9, 32, "cross", seed=0)["video"][0]
     cell = sheet[78 + 14: 78 + 14 + 64, 64 * 5: 64 * 6: 2][::2]  # frame 4 of the real clip, 1x
     assert np.abs(cell.astype(int) - data.to_uint8(real[:, 4]).astype(int)).max() <= 1
+    # --ref-source in_clip: the reference column is the clip's own frame ref_frame (rendered here independently)
+    assert evaluate.main(args + ["--ref-source", "in_clip"]) == 0
+    clips = SynthWorld().sample(2, "test", 9, 32, "in_clip", seed=0)
+    ref_cell = np.asarray(Image.open(tmp_path / "sheet.png").convert("RGB"))[14: 14 + 64: 2, 0: 64: 2]
+    own_frame = clips["video"][0][:, clips["ref_frame"][0]]
+    assert np.abs(ref_cell.astype(int) - data.to_uint8(own_frame).astype(int)).max() <= 1
 
 
 def test_videos_command(tmp_path, clips, capsys):

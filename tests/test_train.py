@@ -1,8 +1,10 @@
 """End-to-end training on the tiny config, CPU: resume exactness, torchrun DDP and FSDP2 (gloo), clear errors."""
 import contextlib
+import dataclasses
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +15,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import checkpoint
+import model
 import train
+import vae
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["--config", "tiny", "--batch", "2", "--no-progress", "--log-every", "1", "--warmup", "2", "--lr", "1e-3"]
@@ -30,10 +34,17 @@ def vae_ckpt(tmp_path_factory):
     return out
 
 
-def torchrun(args, port: int) -> subprocess.CompletedProcess:
-    """train.py in two gloo processes on the CPU (one thread each)."""
+def free_port() -> int:
+    """A TCP port nothing listens on now (a fixed one can still be held by the previous run's sockets)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(args) -> subprocess.CompletedProcess:
+    """train.py in two gloo processes on the CPU (one thread each), on a free port."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(ROOT / "train.py"), *COMMON, *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -126,6 +137,29 @@ def test_depth_grows_the_init_dit_as_the_same_function(vae_ckpt, tmp_path):
         run(["--stage", "dit", "--init", str(grown), "--depth", "2", "--steps", "1", "--out", str(tmp_path / "x")])
 
 
+def test_vae_of_another_latent_width_keeps_the_init_dits_body(vae_ckpt, tmp_path, monkeypatch):
+    """--init's DiT trained on 4 latent channels, --vae of 8 (the tiny preset's): every block, the text encoder
+    and the timestep path are --init's; patchify is fresh and proj_out zero, of the new width; without --vae the
+    narrow VAE does not fit, a clear error."""
+    narrow = tmp_path / "narrow"
+    with monkeypatch.context() as m:
+        m.setitem(model.CONFIGS, "tiny", dataclasses.replace(model.CONFIGS["tiny"], in_channels=4))
+        m.setitem(vae.VAE_CONFIGS, "tiny", dataclasses.replace(vae.VAE_CONFIGS["tiny"], latent_channels=4))
+        run(["--stage", "vae", "--steps", "1", "--out", str(tmp_path / "vae4")])
+        run(["--stage", "dit", "--init", str(tmp_path / "vae4"), "--steps", "2", "--ema", "0", "--out", str(narrow)])
+    pipe = train.build(train.parse_args(COMMON + ["--init", str(narrow), "--vae", str(vae_ckpt)]), torch.device("cpu"))
+    got = checkpoint.state_dict(pipe.modules())
+    (w_init, _), (w_vae, _) = weights(narrow), weights(vae_ckpt)
+    assert w_init["dit.patchify.weight"].shape == (64, 4) and got["dit.patchify.weight"].shape == (64, 8)
+    assert torch.count_nonzero(got["dit.proj_out.weight"]) == 0 and got["dit.proj_out.weight"].shape == (8, 64)
+    fresh = {"dit.patchify.weight", "dit.patchify.bias", "dit.proj_out.weight", "dit.proj_out.bias"}
+    for k, v in got.items():
+        if k not in fresh:
+            assert torch.equal(v, (w_vae if k.startswith("vae.") else w_init)[k]), k
+    with pytest.raises(SystemExit, match="does not fit the vae module"):
+        train.build(train.parse_args(COMMON + ["--init", str(narrow)]), torch.device("cpu"))
+
+
 def test_vae_stage_writes_latent_statistics(vae_ckpt):
     w, _ = weights(vae_ckpt)
     assert not torch.equal(w["vae.latent_std"], torch.ones_like(w["vae.latent_std"]))
@@ -165,7 +199,7 @@ def test_face_weighted_vae_stage_and_its_missing_landmarks_error(tmp_path):
 
 
 def test_torchrun_two_processes(vae_ckpt, tmp_path):
-    torchrun(["--stage", "dit", "--init", str(vae_ckpt), "--steps", "2", "--out", str(tmp_path / "ddp")], 29533)
+    torchrun(["--stage", "dit", "--init", str(vae_ckpt), "--steps", "2", "--out", str(tmp_path / "ddp")])
     w, state = weights(tmp_path / "ddp")
     assert state["step"] == 2
     assert (tmp_path / "ddp" / "metrics.jsonl").read_text().count("\n") == 2  # rank 0 logs alone
@@ -201,8 +235,8 @@ def test_fsdp_two_processes_match_one_process(vae_ckpt, tmp_path):
     """FSDP2 over two gloo processes (fp32 on the CPU), meta-device build, sharded checkpoints and an FSDP
     --resume: the same losses and weights as the data-parallel steps computed in one process."""
     out, args = tmp_path / "fsdp", ["--stage", "dit", "--init", str(vae_ckpt), "--grad-checkpoint", "--ema", "0.9"]
-    first = torchrun([*args, "--fsdp", "--steps", "2", "--sample-every", "2", "--out", str(out)], 29534)
-    torchrun([*args, "--fsdp", "--steps", "3", "--resume", "--out", str(out)], 29534)
+    first = torchrun([*args, "--fsdp", "--steps", "2", "--sample-every", "2", "--out", str(out)])
+    torchrun([*args, "--fsdp", "--steps", "3", "--resume", "--out", str(out)])
     losses, trained, opt, ema = data_parallel_reference(args, 3)
 
     total = sum(p.numel() for p in trained.parameters())
