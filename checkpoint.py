@@ -10,7 +10,7 @@ a half-written checkpoint; a run folder's `latest` file names its newest checkpo
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -64,13 +64,18 @@ def _dataclass(cls, d: dict):
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known})
 
 
-def build_pipeline(preset: str, **dit_overrides) -> Pipeline:
+def build_pipeline(preset: str, latent_channels: int = 0, **dit_overrides) -> Pipeline:
+    """A fresh pipeline of the preset; latent_channels > 0 widens (or narrows) the VAE's latent and with it
+    the DiT's input."""
     if preset not in PRESETS:
         raise ValueError(f"unknown config {preset!r}; choose one of {sorted(PRESETS)}")
     p = PRESETS[preset]
+    vae_cfg = VAE_CONFIGS[p["vae"]]
+    if latent_channels:
+        vae_cfg = replace(vae_cfg, latent_channels=latent_channels)
     text = TextEncoder(p["text"])
-    dit = DiT(config_from(preset, text_dim=text.config.dim, **dit_overrides))
-    return Pipeline(VideoVAE(VAE_CONFIGS[p["vae"]]), text, dit, p["size"], p["frames"])
+    dit = DiT(config_from(preset, text_dim=text.config.dim, in_channels=vae_cfg.latent_channels, **dit_overrides))
+    return Pipeline(VideoVAE(vae_cfg), text, dit, p["size"], p["frames"])
 
 
 def vae_from_config(cfg: dict) -> nn.Module:
@@ -104,8 +109,8 @@ def load_state(modules: dict[str, nn.Module], weights: dict[str, torch.Tensor], 
         unexpected = [k for k in part if k not in own]
         resized = [f"{k} {tuple(part[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in part and part[k].shape != own[k].shape]
         if missing or unexpected or resized:
-            raise ValueError(f"checkpoint does not fit the {name} module (a checkpoint of another config?): "
-                             f"missing {missing[:3]}, unexpected {unexpected[:3]}, shape {resized[:3]}")
+            raise ValueError(f"checkpoint does not fit the {name} module (a checkpoint of another config or "
+                             f"--latent-channels?): missing {missing[:3]}, unexpected {unexpected[:3]}, shape {resized[:3]}")
         m.load_state_dict(part, assign=assign)
 
 

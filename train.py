@@ -56,6 +56,9 @@ class TrainConfig:
     vae: str = flag("", "the VAE: with --config ltx2 the LTX-2 VAE folder (diffusers AutoencoderKLLTX2Video; default: "
                         "vae/ of the pipeline folder given to --init); otherwise a checkpoint of this preset whose VAE "
                         "replaces --init's (e.g. a VAE trained further)")
+    latent_channels: int = flag(0, "latent channels of the VAE, and so the DiT's input width (0: the preset's); pass "
+                                   "it again to --resume such a run or to take its VAE with --vae (an --init DiT of "
+                                   "another width keeps its blocks, its input and output layers start fresh)")
     size: int = flag(0, "frame size in pixels (0: the preset's; ltx2: 512)")
     frames: int = flag(0, "frames per clip, 1 + tau k (0: the preset's; ltx2: 121)")
     resume: bool = flag(False, "continue the run in --out from its latest checkpoint")
@@ -318,6 +321,8 @@ def build(cfg: TrainConfig, device) -> checkpoint.Pipeline:
         sys.exit(f"train.py: --init {cfg.init} is an LTX-2.3 transformer checkpoint: pass --config ltx2")
     if cfg.config == "ltx2" and cfg.stage == "vae":
         sys.exit("train.py: --config ltx2 keeps the LTX-2 VAE frozen; --stage vae trains the project's own VAE")
+    if cfg.config == "ltx2" and cfg.latent_channels:
+        sys.exit("train.py: --latent-channels sizes the project's own VAE; the LTX-2 VAE has its own 128")
     if cfg.config == "ltx2" and cfg.depth:
         sys.exit("train.py: --depth grows the project's own DiT presets; an LTX-2.3 DiT keeps its 48 blocks")
     if cfg.config == "ltx2" and not cfg.init:
@@ -335,7 +340,7 @@ def build(cfg: TrainConfig, device) -> checkpoint.Pipeline:
                     if value is not None:
                         setattr(pipe.dit.cfg, name, value)
             else:
-                pipe = checkpoint.build_pipeline(cfg.config, **overrides)
+                pipe = checkpoint.build_pipeline(cfg.config, cfg.latent_channels, **overrides)
                 if src:
                     weights = checkpoint.load_file(str(src / "model.safetensors"))
                     if cfg.vae:  # --vae's VAE replaces --init's, which may be of another latent width

@@ -1,6 +1,5 @@
 """End-to-end training on the tiny config, CPU: resume exactness, torchrun DDP and FSDP2 (gloo), clear errors."""
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -15,9 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import checkpoint
-import model
 import train
-import vae
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["--config", "tiny", "--batch", "2", "--no-progress", "--log-every", "1", "--warmup", "2", "--lr", "1e-3"]
@@ -137,16 +134,16 @@ def test_depth_grows_the_init_dit_as_the_same_function(vae_ckpt, tmp_path):
         run(["--stage", "dit", "--init", str(grown), "--depth", "2", "--steps", "1", "--out", str(tmp_path / "x")])
 
 
-def test_vae_of_another_latent_width_keeps_the_init_dits_body(vae_ckpt, tmp_path, monkeypatch):
-    """--init's DiT trained on 4 latent channels, --vae of 8 (the tiny preset's): every block, the text encoder
-    and the timestep path are --init's; patchify is fresh and proj_out zero, of the new width; without --vae the
-    narrow VAE does not fit, a clear error."""
+def test_vae_of_another_latent_width_keeps_the_init_dits_body(vae_ckpt, tmp_path):
+    """--latent-channels 4 trains a VAE and a DiT of 4 latent channels; then --init that DiT with --vae of 8 (the
+    tiny preset's): every block, the text encoder and the timestep path are --init's; patchify is fresh and
+    proj_out zero, of the new width; without --vae the narrow VAE does not fit, a clear error."""
     narrow = tmp_path / "narrow"
-    with monkeypatch.context() as m:
-        m.setitem(model.CONFIGS, "tiny", dataclasses.replace(model.CONFIGS["tiny"], in_channels=4))
-        m.setitem(vae.VAE_CONFIGS, "tiny", dataclasses.replace(vae.VAE_CONFIGS["tiny"], latent_channels=4))
-        run(["--stage", "vae", "--steps", "1", "--out", str(tmp_path / "vae4")])
-        run(["--stage", "dit", "--init", str(tmp_path / "vae4"), "--steps", "2", "--ema", "0", "--out", str(narrow)])
+    run(["--stage", "vae", "--latent-channels", "4", "--steps", "1", "--out", str(tmp_path / "vae4")])
+    run(["--stage", "dit", "--latent-channels", "4", "--init", str(tmp_path / "vae4"), "--steps", "2", "--ema", "0",
+         "--out", str(narrow)])
+    saved = json.loads((narrow / (narrow / "latest").read_text().strip() / "config.json").read_text())
+    assert (saved["vae"]["latent_channels"], saved["dit"]["in_channels"]) == (4, 4)
     pipe = train.build(train.parse_args(COMMON + ["--init", str(narrow), "--vae", str(vae_ckpt)]), torch.device("cpu"))
     got = checkpoint.state_dict(pipe.modules())
     (w_init, _), (w_vae, _) = weights(narrow), weights(vae_ckpt)
