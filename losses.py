@@ -24,9 +24,14 @@ def flow_target(z_0, eps):
     return eps - z_0
 
 
-def flow_loss(v_hat, z_0, eps):
-    """L_flow = ||v^ - (eps - z_0)||^2, mean over the video latent, per sample [B]  (Sec. 3.3)."""
-    return (v_hat.float() - flow_target(z_0, eps).float()).pow(2).flatten(1).mean(1)
+def flow_loss(v_hat, z_0, eps, weight=None):
+    """L_flow = ||v^ - (eps - z_0)||^2, mean over the video latent, per sample [B]  (Sec. 3.3); with `weight`
+    [B, 1, T, h, w] (not in the paper: train.py --face-weight) the weighted mean over each sample's tokens."""
+    err = (v_hat.float() - flow_target(z_0, eps).float()).pow(2)
+    if weight is None:
+        return err.flatten(1).mean(1)
+    w = weight.float().expand_as(err)
+    return (err * w).flatten(1).sum(1) / w.flatten(1).sum(1)
 
 
 def clean_estimate(z_t, t, v):

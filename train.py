@@ -38,7 +38,7 @@ from losses import add_noise, clean_estimate, flow_loss, identity_loss, temporal
 import ltx2
 from model import identity_blocks
 from text import EMPTY_PROMPT, check_text_width, pad_prompt_embeds, text_pair, tokenize
-from vae import face_weight
+from vae import face_weight, latent_weight
 
 
 T_DISTS = ("logit-normal", "uniform")  # --t-dist, see sample_t
@@ -76,8 +76,9 @@ class TrainConfig:
     lambda_id: float = flag(0.1, "weight of L_id (paper: 0.1); needs --face-model")
     lambda_tic: float = flag(0.05, "weight of L_tic (paper: 0.05); needs --face-model")
     gamma: float = flag(1.0, "exponent of w_aux(t) = (SNR / (SNR + 1))^gamma")
-    face_weight: float = flag(0.0, "vae stage: extra L1 weight alpha inside a square around each frame's face landmarks "
-                                   "(weight 1 + alpha there, 1 elsewhere; 0: plain L1)")
+    face_weight: float = flag(0.0, "extra weight alpha inside a square around each frame's face landmarks (weight 1 + "
+                                   "alpha there, 1 elsewhere; 0: off): vae stage on the L1 reconstruction, dit stage "
+                                   "on the flow loss per latent token (not in the paper)")
     t_dist: str = flag("logit-normal", "training times t: logit-normal shifted like the sampler (LTX) or uniform on "
                                        "(0, 1), which trains the low-noise steps that draw fine detail far more often")
     face_model: str = flag("", "face embedder for L_id / L_tic (faces.py); empty: flow loss only")
@@ -402,13 +403,18 @@ def batches(cfg: TrainConfig, pipe, rank: int, world: int, device):
 
 # ----------------------------------------------------------------------------- stages
 
+def pixel_face_weight(cfg, batch) -> torch.Tensor | None:
+    """--face-weight's per-pixel weight of the batch's clips (vae.face_weight), or None when it is 0."""
+    if not cfg.face_weight:
+        return None
+    if "landmarks" not in batch:
+        raise SystemExit("train.py: --face-weight needs face landmarks: the synthetic world, or manifest lines "
+                         "with \"faces\" (python faces.py landmarks)")
+    return face_weight(batch["landmarks"], batch["video"].shape[-1], cfg.face_weight, batch.get("face_present"))
+
+
 def vae_step(cfg, model, batch, autocast):
-    weight = None
-    if cfg.face_weight:  # face-weighted recon (vae.face_weight)
-        if "landmarks" not in batch:
-            raise SystemExit("train.py: --face-weight needs face landmarks: the synthetic world, or manifest lines "
-                             "with \"faces\" (python faces.py landmarks)")
-        weight = face_weight(batch["landmarks"], batch["video"].shape[-1], cfg.face_weight, batch.get("face_present"))
+    weight = pixel_face_weight(cfg, batch)
     with autocast:
         terms = model(batch["video"], weight)
     return terms["total"], {k: v.item() for k, v in terms.items()}, batch["video"][:, 0].numel()  # tokens: pixels
@@ -455,7 +461,10 @@ def dit_step(cfg, pipe, model, embedder, batch, g, autocast):
     with autocast:
         v = model(None if tokens is None else tokens.to(device), mask.to(device), z_t, t, z_ref=z_ref,
                   ref_keep=keep_r if z_ref is not None else None, embeds=None if embeds is None else embeds.to(device))
-    l_flow = flow_loss(v, z_0, eps)
+    weight = pixel_face_weight(cfg, batch)
+    if weight is not None:  # per latent token (vae.latent_weight)
+        weight = latent_weight(weight, pipe.vae.config.tau, pipe.vae.config.spatial)
+    l_flow = flow_loss(v, z_0, eps, weight)
     logs = {"l_flow": l_flow.mean().item(), "w_aux": w_aux(t, cfg.gamma).mean().item()}
     l_id = l_tic = None
     if embedder is not None and z_ref is not None:

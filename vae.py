@@ -251,6 +251,13 @@ def face_weight(landmarks: torch.Tensor, size: int, alpha: float, present: torch
     return (1 + alpha * inside.to(landmarks.dtype))[:, None]
 
 
+def latent_weight(weight: torch.Tensor, tau: int, s: int) -> torch.Tensor:
+    """A pixel weight [B, 1, 1 + tau k, H, W] (e.g. face_weight) per latent token [B, 1, 1 + k, H/s, W/s]: the
+    largest over the pixels the token encodes (latent frame 0 <- frame 0, frame m <- frames tau(m-1)+1 .. tau m)."""
+    first = weight[:, :, :1].expand(-1, -1, tau - 1, -1, -1)  # causal: frame 0 alone, as the VAE pads it
+    return F.max_pool3d(torch.cat([first, weight], 2), (tau, s, s))
+
+
 @torch.no_grad()
 def compute_latent_stats(vae: VideoVAE, batches) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and std [C] of the raw posterior means mu over all batches (x tensors)."""

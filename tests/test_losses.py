@@ -1,9 +1,10 @@
 import math
 
+import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from losses import add_noise, clean_estimate, flow_target, identity_loss, temporal_identity_loss, total_loss, w_aux
+from losses import add_noise, clean_estimate, flow_loss, flow_target, identity_loss, temporal_identity_loss, total_loss, w_aux
 
 
 def test_clean_estimate_recovers_z0_with_true_velocity():
@@ -83,3 +84,20 @@ def test_total_loss_formula():
     expected = (l_flow + w * (0.1 * l_id + 0.05 * l_tic)).mean()
     torch.testing.assert_close(total_loss(l_flow, t, l_id, l_tic), expected)
     torch.testing.assert_close(total_loss(l_flow, t), l_flow.mean())
+
+
+def test_weighted_flow_loss_against_a_float64_loop():
+    g = torch.Generator().manual_seed(0)
+    v, z_0, eps = (torch.randn(2, 3, 2, 2, 2, generator=g) for _ in range(3))
+    w = 1 + 4 * (torch.rand(2, 1, 2, 2, 2, generator=g) > 0.5).float()
+    vd, zd, ed, wd = v.double(), z_0.double(), eps.double(), w.double()
+    for b in range(2):
+        num = den = 0.0
+        for c in range(3):
+            for i in range(2):
+                for j in range(2):
+                    for k in range(2):
+                        err = (vd[b, c, i, j, k] - (ed[b, c, i, j, k] - zd[b, c, i, j, k])) ** 2
+                        num, den = num + wd[b, 0, i, j, k] * err, den + wd[b, 0, i, j, k]
+        assert flow_loss(v, z_0, eps, w)[b].item() == pytest.approx(num.item() / den.item(), rel=1e-6)
+    torch.testing.assert_close(flow_loss(v, z_0, eps, torch.ones_like(w)), flow_loss(v, z_0, eps))  # weight 1: the mean

@@ -179,10 +179,15 @@ def test_fsdp_without_torchrun_and_missing_manifest_are_clear_errors(tmp_path):
         run(["--stage", "vae", "--data", str(tmp_path / "one.jsonl"), "--workers", "0", "--steps", "1", "--out", str(tmp_path)])
 
 
-def test_face_weighted_vae_stage_and_its_missing_landmarks_error(tmp_path):
+def test_face_weighted_vae_and_dit_stages_and_the_missing_landmarks_error(vae_ckpt, tmp_path):
     run(["--stage", "vae", "--face-weight", "4", "--steps", "1", "--out", str(tmp_path / "synth")])  # synthetic: landmarks
     rows = [json.loads(line) for line in (tmp_path / "synth" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["recon"] > 0
+    flows = []  # the dit stage: the same first step (same batch, noise, t) with and without the face weight
+    for alpha in ("0", "4"):
+        run(["--stage", "dit", "--init", str(vae_ckpt), "--face-weight", alpha, "--steps", "1", "--out", str(tmp_path / alpha)])
+        flows.append(json.loads((tmp_path / alpha / "metrics.jsonl").read_text().splitlines()[0])["l_flow"])
+    assert flows[0] > 0 and flows[1] > 0 and flows[0] != flows[1]
     frames = [Image.new("RGB", (32, 32), (10 * i, 80, 160)) for i in range(12)]
     frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:], duration=100)  # 1.2 s at 10 fps
     (tmp_path / "real.jsonl").write_text(json.dumps({"video": str(tmp_path / "a.gif"), "caption": "a person nods"}) + "\n")

@@ -3,7 +3,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 from safetensors.torch import load_file, save_file
 
-from vae import VAE_CONFIGS, ResBlock, VAEConfig, VideoVAE, compute_latent_stats, face_weight
+from vae import VAE_CONFIGS, ResBlock, VAEConfig, VideoVAE, compute_latent_stats, face_weight, latent_weight
 
 S = 16  # test frames are 16x16 -> 4x4 latents
 
@@ -227,3 +227,14 @@ def test_presets():
     vae = VideoVAE(tiny)
     with torch.no_grad():
         assert vae.encode(torch.zeros(1, 3, 5, 32, 32)).shape == (1, 8, 2, 8, 8)
+
+
+def test_latent_weight_takes_each_tokens_largest_pixel_weight():
+    """tau = 4, s = 4, 9 frames of 8x8: latent frame 0 <- frame 0, 1 <- frames 1-4, 2 <- frames 5-8."""
+    w = torch.ones(2, 1, 9, 8, 8)
+    w[0, 0, 5, 6, 1] = 5.0  # -> token (2, 1, 0)
+    w[0, 0, 0, 0, 7] = 3.0  # frame 0 -> token (0, 0, 1) only
+    w[1, 0, 4, 3, 3] = 2.0  # frame 4 -> token (1, 0, 0)
+    want = torch.ones(2, 1, 3, 2, 2)
+    want[0, 0, 2, 1, 0], want[0, 0, 0, 0, 1], want[1, 0, 1, 0, 0] = 5.0, 3.0, 2.0
+    assert torch.equal(latent_weight(w, 4, 4), want)
