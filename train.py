@@ -93,6 +93,8 @@ class TrainConfig:
     grad_checkpoint: bool = flag(False, "activation checkpointing of every DiT block")
     depth: int = flag(0, "DiT blocks (0: the preset's); more than --init's DiT has grows it: the new blocks are "
                          "appended as the identity (zero output projections), so training starts from --init's function")
+    rope_theta: float = flag(0.0, "RoPE base theta of the DiT (0: --init's, else the preset's); pair m of an axis with n pairs turns at "
+                                   "theta^(-m/n) per latent position")
     attn: str = flag("torch", "attention backend: torch or triton")
     log_every: int = flag(10, "steps between metric lines")
     save_every: int = flag(500, "steps between checkpoints (and at the end)")
@@ -316,7 +318,7 @@ def build(cfg: TrainConfig, device) -> checkpoint.Pipeline:
     """The pipeline: fresh for this preset, from --init (a checkpoint of the same preset), or for
     --config ltx2 from LTX-2.3 weights (or a checkpoint of an ltx2 run, rebuilt from its config)."""
     overrides = dict(ref_mode=None if cfg.ref == "none" else cfg.ref, attn_backend=cfg.attn, depth=cfg.depth or None,
-                     grad_checkpoint=cfg.grad_checkpoint, fps=cfg.fps)
+                     grad_checkpoint=cfg.grad_checkpoint, fps=cfg.fps, rope_theta=cfg.rope_theta or None)
     from_ltx2 = bool(cfg.init) and ltx2.find_transformer(cfg.init) is not None
     if from_ltx2 and cfg.config != "ltx2":
         sys.exit(f"train.py: --init {cfg.init} is an LTX-2.3 transformer checkpoint: pass --config ltx2")
@@ -341,6 +343,8 @@ def build(cfg: TrainConfig, device) -> checkpoint.Pipeline:
                     if value is not None:
                         setattr(pipe.dit.cfg, name, value)
             else:
+                if src and not cfg.rope_theta:  # --init's (and so --resume's) RoPE unless --rope-theta changes it
+                    overrides["rope_theta"] = json.loads((src / "config.json").read_text())["dit"]["rope_theta"]
                 pipe = checkpoint.build_pipeline(cfg.config, cfg.latent_channels, **overrides)
                 if src:
                     weights = checkpoint.load_file(str(src / "model.safetensors"))

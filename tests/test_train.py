@@ -134,6 +134,24 @@ def test_depth_grows_the_init_dit_as_the_same_function(vae_ckpt, tmp_path):
         run(["--stage", "dit", "--init", str(grown), "--depth", "2", "--steps", "1", "--out", str(tmp_path / "x")])
 
 
+def test_rope_theta_flag_sets_the_frequencies_and_travels_with_the_checkpoint(vae_ckpt, tmp_path):
+    """--rope-theta 10: the tiny DiT (heads of 32: t, h, w get 6, 5, 5 pairs) turns its h pair m at 10^(-m/5) and
+    its t pair m at 10^(-m/6) (hand values), config.json keeps theta, the checkpoint loads with it and --init of it
+    without the flag keeps it."""
+    run(["--stage", "dit", "--init", str(vae_ckpt), "--rope-theta", "10", "--steps", "1", "--out", str(tmp_path / "r")])
+    pipe, _ = checkpoint.load(tmp_path / "r")
+    f = pipe.dit.freqs
+    assert f.shape == (16, 3) and pipe.dit.cfg.rope_theta == 10
+    for m in range(5):
+        assert math.isclose(f[6 + m, 1].item(), 10 ** (-m / 5), rel_tol=1e-6)
+        assert math.isclose(f[11 + m, 2].item(), 10 ** (-m / 5), rel_tol=1e-6)
+    assert all(math.isclose(f[m, 0].item(), 10 ** (-m / 6), rel_tol=1e-6) for m in range(6))
+    default = train.build(train.parse_args(COMMON + ["--init", str(vae_ckpt)]), torch.device("cpu"))
+    assert math.isclose(default.dit.freqs[7, 1].item(), 10000 ** (-1 / 5), rel_tol=1e-6)
+    kept = train.build(train.parse_args(COMMON + ["--init", str(tmp_path / "r")]), torch.device("cpu"))
+    torch.testing.assert_close(kept.dit.freqs, f, rtol=0, atol=0)  # --init (and --resume) keep the checkpoint's theta
+
+
 def test_vae_of_another_latent_width_keeps_the_init_dits_body(vae_ckpt, tmp_path):
     """--latent-channels 4 trains a VAE and a DiT of 4 latent channels; then --init that DiT with --vae of 8 (the
     tiny preset's): every block, the text encoder and the timestep path are --init's; patchify is fresh and
