@@ -283,7 +283,8 @@ def contact_sheet(rows: list[tuple[torch.Tensor, torch.Tensor, str]], scale: int
 def synth_batch(batch: int, size: int, frames: int, generator: torch.Generator, ref_source: str = "cross",
                 device="cpu", split: str = "train") -> dict:
     """A batch of the synthetic world (synth.py): clips, references, prompts, landmarks.
-    ref_source: cross (another shot of the identity), in_clip (a frame of the clip), or mix."""
+    ref_source: cross (another shot of the identity), portrait (another shot posed like an ID photo),
+    in_clip (a frame of the clip), or mix (in_clip or cross, half each)."""
     from synth import SynthWorld
 
     if ref_source == "mix":

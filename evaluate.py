@@ -53,7 +53,7 @@ from cli import flag
 from data import AV_SUFFIXES, PIL_SUFFIXES, contact_sheet, load_image, read_frames, resize_center_crop, to_tensor
 from faces import SynthNetConfig, conv_stack, embed_faces, resize_frames
 from sample import generate
-from synth import ACTIONS, SCENES, SynthWorld, parse_prompt
+from synth import ACTIONS, REF_SOURCES, SCENES, SynthWorld, parse_prompt
 
 WORLD_MODEL = Path(__file__).resolve().parent / "assets" / "world_model"
 WORLD_SIZE = 32      # frames are resized to this side for the world's classifiers
@@ -283,7 +283,8 @@ def benchmark(judges: Judges, ckpt, n: int = 32, steps: int = 20, s_y: float = 5
               seed: int = 0, device="cpu", sheet: str | None = None, sheet_rows: int = 4,
               ref: str = "cross") -> dict[str, dict]:
     """The synthetic test set (held-out identities, template prompts, references as SynthWorld.sample's
-    `ref`: "cross", another clip of the identity, or "in_clip", a frame of the clip itself):
+    `ref`: "cross", another clip of the identity, "portrait", one posed like an ID photo, or
+    "in_clip", a frame of the clip itself):
     its ground-truth clips ("real videos"), those clips through the VAE (the ceiling of any DiT
     on it) and the model's videos, each summarised. `sheet`:
     a PNG of the first sheet_rows clips, each generated row above the real clip of its identity."""
@@ -417,9 +418,10 @@ def main(argv=None) -> int:
     p.add_argument("--s-text", type=float, default=5.0, help="text guidance scale s_y")
     p.add_argument("--s-ref", type=float, default=7.5, help="reference guidance scale s_r")
     p.add_argument("--seed", type=int, default=0, help="seed of the test set and the noise")
-    p.add_argument("--ref-source", default="cross", choices=("cross", "in_clip"),
+    p.add_argument("--ref-source", default="cross", choices=REF_SOURCES,
                    help="--benchmark references: cross (another clip of the identity: other pose, light, scene; the "
-                        "paper's setting) or in_clip (a frame of the clip itself: nothing to transfer, so the gap to "
+                        "paper's setting), portrait (the same, posed like an ID photo: centred, fixed size, mild "
+                        "pose) or in_clip (a frame of the clip itself: nothing to transfer, so the gap to "
                         "the through-the-VAE row is the DiT failing to draw the face, not to carry it across pose)")
     p.add_argument("--videos", nargs="+", default=None, help="video files or folders of them to score")
     p.add_argument("--refs", nargs="+", default=[], help="reference image per video (or one for all)")

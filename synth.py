@@ -75,6 +75,7 @@ TEMPLATES = (
 HAIR_STYLES = ("bald", "short", "long", "fringe", "spiky", "curly")
 FACIAL_HAIR = ("none", "moustache", "beard")
 TEST_ID_START = 100_000
+REF_SOURCES = ("cross", "portrait", "in_clip")  # SynthWorld.sample's reference kinds
 LANDMARK_NAMES = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
 
 # Palettes (RGB in [0, 1]). Skin is interpolated along the list; the others are picked.
@@ -229,6 +230,14 @@ def _static_state(n: int, g: torch.Generator, wide: bool) -> dict[str, torch.Ten
         "cast": _uniform(g, (n, 3), 0.90, 1.10),
         "shirt": _uniform(g, (n, 3), 0.10, 0.90),
     }
+
+
+def _portrait_state(n: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """An ID photo: the face centred at the clips' mean height and size, a clip's mild pose and
+    expression; light, colour cast and shirt drawn afresh."""
+    st = _static_state(n, g, wide=False)
+    st["cx"], st["cy"], st["scale"] = torch.zeros(n), torch.full((n,), -0.035), torch.full((n,), 0.44)
+    return st
 
 
 def _act(st: dict[str, torch.Tensor], actions: torch.Tensor, frames: int,
@@ -816,11 +825,13 @@ class SynthWorld:
         identity, action, scene, ref_scene, ref_frame [B] long; landmarks [B, F, 5, 2],
         boxes [B, F, 4], ref_landmarks [B, 5, 2] in pixels. ref="cross": the same identity
         in another pose, expression, light, position and scene (ref_scene != scene,
-        ref_frame = -1); ref="in_clip": frame ref_frame of the clip itself (ref_scene = scene).
+        ref_frame = -1); ref="portrait": the same, but posed like an ID photo (face centred at a
+        fixed size, a clip's mild pose and expression); ref="in_clip": frame ref_frame of the clip
+        itself (ref_scene = scene).
         Same seed (or generator state) -> identical tensors.
         """
-        if ref not in ("cross", "in_clip"):
-            raise ValueError(f"ref must be 'cross' or 'in_clip', got {ref!r}")
+        if ref not in REF_SOURCES:
+            raise ValueError(f"ref must be one of {REF_SOURCES}, got {ref!r}")
         g = _generator(seed, generator)
         pool = self.ids(split)
         ids = pool.start + torch.randint(len(pool), (batch,), generator=g)
@@ -836,7 +847,7 @@ class SynthWorld:
         else:
             ref_frame = torch.full((batch,), -1)
             ref_scene = (scene + torch.randint(1, len(SCENES), (batch,), generator=g)) % len(SCENES)
-            ref_state = _still(_static_state(batch, g, wide=True))
+            ref_state = _still(_portrait_state(batch, g) if ref == "portrait" else _static_state(batch, g, wide=True))
             ref_video, ref_marks, _ = _shoot(ids, ref_state, ref_scene, size, g, device)
             ref_img, ref_marks = ref_video[:, :, 0], ref_marks[:, 0]
         return {
@@ -902,8 +913,9 @@ def main(argv=None):
     ap.add_argument("--size", type=int, default=64, help="frame side in pixels")
     ap.add_argument("--frames", type=int, default=17, help="frames per clip (the sheet shows 6 evenly spaced ones)")
     ap.add_argument("--split", choices=("train", "test"), default="train", help="identity split to draw from")
-    ap.add_argument("--ref", choices=("cross", "in_clip"), default="cross",
-                    help="reference: another shot of the identity (cross) or a frame of the clip (in_clip)")
+    ap.add_argument("--ref", choices=REF_SOURCES, default="cross",
+                    help="reference: another shot of the identity (cross), one posed like an ID photo (portrait), "
+                         "or a frame of the clip (in_clip)")
     ap.add_argument("--zoom", type=int, default=2, help="integer upscaling of each tile (nearest neighbour)")
     ap.add_argument("--landmarks", action="store_true", help="overlay the 5 ground-truth landmarks")
     args = ap.parse_args(argv)

@@ -83,7 +83,8 @@ class TrainConfig:
                                        "(0, 1), which trains the low-noise steps that draw fine detail far more often")
     face_model: str = flag("", "face embedder for L_id / L_tic (faces.py); empty: flow loss only")
     id_frames: int = flag(2, "latent frames decoded for the face loss (from the first)")
-    ref_source: str = flag("cross", "synthetic references: cross (other clip of the identity), in_clip, or mix")
+    ref_source: str = flag("cross", "synthetic references: cross (other clip of the identity), portrait (another "
+                                     "shot posed like an ID photo: centred, fixed size, mild pose), in_clip, or mix")
     augment: bool = flag(True, "reference augmentation (flip, rotation, crop, colour jitter)")
     fsdp: bool = flag(False, "shard the dit stage with FSDP2 under torchrun: no rank copies the whole DiT (weights "
                              "memory-mapped, the model on the meta device until fully_shard per block; bf16 params, "

@@ -127,6 +127,19 @@ def test_cross_reference_is_another_shot_of_the_same_identity():
     assert pose_gap.min() > 0.1
 
 
+def test_portrait_reference_is_a_centred_shot_of_the_same_clip():
+    """portrait: the clip is the one cross draws (same seed), the reference another scene; its face is
+    centred: the eyes' midpoint within 2 px of the centre column (a mild yaw of at most 0.15 rad moves it
+    less; cross references range up to 0.15 of the frame, 2.4 px, plus their wide yaw), and its spread in
+    x and y over 64 portraits under half the cross ones'."""
+    p, c = small_batch(ref="portrait", batch=64), small_batch(ref="cross", batch=64)
+    assert torch.equal(p["video"], c["video"]) and torch.equal(p["identity"], c["identity"])
+    assert (p["ref_scene"] != p["scene"]).all() and (p["ref_frame"] == -1).all()
+    mid = lambda b: b["ref_landmarks"][:, [LEFT_EYE, RIGHT_EYE]].mean(1)  # [B, 2] pixels
+    assert (mid(p)[:, 0] - SIZE / 2).abs().max() < 2
+    assert (mid(p).std(0) < 0.5 * mid(c).std(0)).all()
+
+
 # ----------------------------------------------------------------------------- actions
 
 def test_moves_across_the_frame_goes_left_to_right():
