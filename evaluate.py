@@ -421,8 +421,8 @@ def main(argv=None) -> int:
     p.add_argument("--ref-source", default="cross", choices=REF_SOURCES,
                    help="--benchmark references: cross (another clip of the identity: other pose, light, scene; the "
                         "paper's setting), portrait (the same, posed like an ID photo: centred, fixed size, mild "
-                        "pose) or in_clip (a frame of the clip itself: nothing to transfer, so the gap to "
-                        "the through-the-VAE row is the DiT failing to draw the face, not to carry it across pose)")
+                        "pose) or in_clip (a frame of the clip itself: nothing to carry across pose, position or "
+                        "light; the copy-paste trap)")
     p.add_argument("--videos", nargs="+", default=None, help="video files or folders of them to score")
     p.add_argument("--refs", nargs="+", default=[], help="reference image per video (or one for all)")
     p.add_argument("--prompts", nargs="+", default=[], help="prompt per video (or one for all)")

@@ -94,8 +94,8 @@ class TrainConfig:
     grad_checkpoint: bool = flag(False, "activation checkpointing of every DiT block")
     depth: int = flag(0, "DiT blocks (0: the preset's); more than --init's DiT has grows it: the new blocks are "
                          "appended as the identity (zero output projections), so training starts from --init's function")
-    rope_theta: float = flag(0.0, "RoPE base theta of the DiT (0: --init's, else the preset's); pair m of an axis with n pairs turns at "
-                                   "theta^(-m/n) per latent position")
+    rope_theta: float = flag(0.0, "RoPE base theta of the DiT (0: --init's, else the preset's); pair m of an axis "
+                                   "with n pairs turns at theta^(-m/n) per latent position")
     attn: str = flag("torch", "attention backend: torch or triton")
     log_every: int = flag(10, "steps between metric lines")
     save_every: int = flag(500, "steps between checkpoints (and at the end)")
