@@ -280,14 +280,16 @@ def ema_update(ema: dict[str, torch.Tensor], module: nn.Module, decay: float):
             ema[k].lerp_(p.detach().to(ema[k].dtype), 1 - decay)
 
 
-def preset_checkpoint(path: str, preset: str, flag: str) -> Path:
-    """The checkpoint folder `path` names, which must have been trained with --config preset (one-line exit)."""
+def preset_checkpoint(path: str, preset: str, flag: str) -> tuple[Path, dict]:
+    """The checkpoint folder `path` names, which must have been trained with --config preset (one-line exit),
+    and its config.json."""
     src = checkpoint.resolve(path)
-    trained = json.loads((src / "config.json").read_text()).get("preset")
+    saved = json.loads((src / "config.json").read_text())
+    trained = saved.get("preset")
     if trained != preset:
         sys.exit(f"train.py: {flag} {src} was trained with --config {trained}, not {preset}; "
                  f"pass --config {trained} or start from a checkpoint of {preset}")
-    return src
+    return src, saved
 
 
 def deepened(weights: dict[str, torch.Tensor], dit: nn.Module) -> dict[str, torch.Tensor]:
@@ -337,7 +339,7 @@ def build(cfg: TrainConfig, device) -> checkpoint.Pipeline:
             dtype = None if cfg.fsdp else torch.float32  # FSDP: left memory-mapped, shard() makes fp32 shards
             pipe = ltx2.build_pipeline(cfg.init, cfg.vae, cfg.size, cfg.frames, dtype=dtype, **overrides)
         else:
-            src = preset_checkpoint(cfg.init, cfg.config, "--init") if cfg.init else None
+            src, saved = preset_checkpoint(cfg.init, cfg.config, "--init") if cfg.init else (None, None)
             if cfg.config == "ltx2":  # a checkpoint of an ltx2 run describes its own pipeline
                 pipe, _ = checkpoint.load(src)
                 for name, value in overrides.items():  # runtime switches; the blocks share this config
@@ -345,7 +347,7 @@ def build(cfg: TrainConfig, device) -> checkpoint.Pipeline:
                         setattr(pipe.dit.cfg, name, value)
             else:
                 if src and not cfg.rope_theta:  # --init's (and so --resume's) RoPE unless --rope-theta changes it
-                    overrides["rope_theta"] = json.loads((src / "config.json").read_text())["dit"]["rope_theta"]
+                    overrides["rope_theta"] = saved["dit"]["rope_theta"]
                 pipe = checkpoint.build_pipeline(cfg.config, cfg.latent_channels, **overrides)
                 if src:
                     weights = checkpoint.load_file(str(src / "model.safetensors"))
@@ -353,7 +355,7 @@ def build(cfg: TrainConfig, device) -> checkpoint.Pipeline:
                         weights = rewidened({k: v for k, v in weights.items() if not k.startswith("vae.")}, pipe.dit)
                     checkpoint.load_state(pipe.modules(), deepened(weights, pipe.dit), strict=False)
                 if cfg.vae:  # another checkpoint's VAE (e.g. one trained further) in place of --init's
-                    vae_src = preset_checkpoint(cfg.vae, cfg.config, "--vae")
+                    vae_src, _ = preset_checkpoint(cfg.vae, cfg.config, "--vae")
                     checkpoint.load_state({"vae": pipe.vae}, checkpoint.load_file(str(vae_src / "model.safetensors")))
             pipe.size, pipe.frames, pipe.fps = cfg.size or pipe.size, cfg.frames or pipe.frames, cfg.fps
         pipe.check()
