@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from text import empty_embeds_path, load_prompt_embeds, pad_prompt_embeds
+from world.synth import SynthWorld
 
 AV_SUFFIXES = {".mp4", ".webm", ".mov", ".mkv", ".avi"}
 PIL_SUFFIXES = {".gif", ".webp"}
@@ -108,7 +109,7 @@ class ManifestDataset(torch.utils.data.Dataset):
     "empty_prompt_embeds"?} per line.
 
     `frames` must be 1 + tau k (the VAE's valid counts); `faces` is an .npz written by
-    `faces.py landmarks` with `landmarks` [F_src, 5, 2] in source pixels and `present` [F_src].
+    `python -m interop.scrfd` with `landmarks` [F_src, 5, 2] in source pixels and `present` [F_src].
     `prompt_embeds` is a precomputed-embeddings file (text.load_prompt_embeds; all lines or none),
     passed through with the empty prompt's (`empty_prompt_embeds`, default text.EMPTY_EMBEDS beside it).
     An unreadable or too-short entry yields an error item; `collate` drops it and counts it.
@@ -134,7 +135,7 @@ class ManifestDataset(torch.utils.data.Dataset):
                 for key in ("prompt_embeds", "empty_prompt_embeds"):
                     if not os.path.isfile(item[key]):  # checked up front: a missing file would skip every clip
                         raise FileNotFoundError(f"{manifest}:{n}: {key} file not found: {item[key]} "
-                                                f"(write them with `python ltx2.py encode-prompts`)")
+                                                f"(write them with `python -m ltx2 encode-prompts`)")
             self.items.append(item)
         if not self.items:
             raise ValueError(f"manifest {manifest} lists no clips")
@@ -285,7 +286,6 @@ def synth_batch(batch: int, size: int, frames: int, generator: torch.Generator, 
     """A batch of the synthetic world (synth.py): clips, references, prompts, landmarks.
     ref_source: cross (another shot of the identity), portrait (another shot posed like an ID photo),
     in_clip (a frame of the clip), or mix (in_clip or cross, half each)."""
-    from synth import SynthWorld
 
     if ref_source == "mix":
         ref_source = "in_clip" if torch.rand(1, generator=generator).item() < 0.5 else "cross"

@@ -2,10 +2,12 @@
 
     python evaluate.py --benchmark --ckpt runs/stdrc          # synthetic test set: real videos vs the model
     python evaluate.py --videos out/a.mp4 --refs face.png --prompts "a person nods in the snow"
-    OMP_NUM_THREADS=1 python evaluate.py --train-classifiers  # the bundled assets/world_model
+
+The judges (the world's face detector and embedder, scene and action classifiers) are
+world/face_nets.py and world/judges.py.
 
 Videos are [B, 3, F, S, S] in [-1, 1], each with a reference face image [3, S, S] and a prompt.
-Faces are found by the synthetic world's detector (faces.SynthFaceDetector) and embedded by its
+Faces are found by the synthetic world's detector (world.face_nets.SynthFaceDetector) and embedded by its
 embedder, or by ArcFace with --face-onnx. Per video:
 
 - face_sim (FaceSim): mean cos(e_f, e_ref) over up to 16 evenly spaced frames, e_f the frame's
@@ -40,111 +42,24 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-import checkpoint
-import faces
-from cli import flag
 from data import AV_SUFFIXES, PIL_SUFFIXES, contact_sheet, load_image, read_frames, resize_center_crop, to_tensor
-from faces import SynthNetConfig, conv_stack, embed_faces, resize_frames
-from sample import generate
-from synth import ACTIONS, REF_SOURCES, SCENES, SynthWorld, parse_prompt
+from faces import embed_faces
+from infra import checkpoint
+from infra.cli import add_flags, config_from, flag
+from pipeline import generate
+from world.face_nets import SYNTH_FACE_MODEL, resize_frames
+from world.judges import WORLD_MODEL, WORLD_SIZE, Judges, accuracy, face_size, load_judges
+from world.synth import REF_SOURCES, SynthWorld, parse_prompt
 
-WORLD_MODEL = Path(__file__).resolve().parent / "assets" / "world_model"
-WORLD_SIZE = 32      # frames are resized to this side for the world's classifiers
 FACE_THRESHOLD = 0.5  # detector score above which a frame has a face
 POSE_SCALE = 0.25    # face sizes at which copy_pose has fallen to 1/e
 FACE_FRAMES = 16     # frames per video for face_sim and temporal_id
-TRAIN_WORLD = "OMP_NUM_THREADS=1 python evaluate.py --train-classifiers --world-model {folder}"
-
-
-# ----------------------------------------------------------------------------- the world's classifiers
-
-class SceneNet(nn.Module):
-    """Scene of a frame: [N, 3, s, s] -> logits [N, len(SCENES)]."""
-
-    def __init__(self, cfg: SynthNetConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.body = conv_stack(cfg.width)
-        self.head = nn.Linear(cfg.flat_features, len(SCENES))
-
-    def forward(self, x):
-        return self.head(self.body(x))
-
-
-def face_size(points: torch.Tensor) -> torch.Tensor:
-    """Distance eye midpoint -> mouth midpoint of 5-point landmarks [..., 5, 2]: [...]."""
-    return (points[..., :2, :].mean(-2) - points[..., 3:, :].mean(-2)).norm(dim=-1).clamp(min=1e-3)
-
-
-def trajectory_features(landmarks: torch.Tensor, size: int) -> torch.Tensor:
-    """Per-frame geometry of a clip's landmarks [B, F, 5, 2] (pixels of `size` frames) ->
-    [B, F, 31]: positions in the image (normalised to [-1, 1]), relative to the first frame's
-    face (in its face sizes), within the face (in the frame's face size), log face size change."""
-    p = (landmarks + 0.5) / size * 2 - 1
-    centre, scale = p.mean(2, keepdim=True), face_size(p)[..., None, None]
-    in_face = (p - centre) / scale
-    from_start = (p - centre[:, :1]) / scale[:, :1]
-    growth = torch.log(scale / scale[:, :1])
-    return torch.cat([p.flatten(2), from_start.flatten(2), in_face.flatten(2), growth.flatten(2)], -1)
-
-
-@dataclass
-class ActionNetConfig:
-    crop: int = 24        # side of the aligned face crop
-    width: int = 8        # crop CNN width (faces.conv_stack)
-    appearance: int = 32  # crop features per frame
-    hidden: int = 64      # temporal convolution channels
-
-
-class ActionNet(nn.Module):
-    """Action of a clip from its face: per frame, trajectory_features (turns, nods, moves,
-    approaches) and features of the aligned face crop (mouth open, eyes shut, smile); two
-    temporal convolutions; mean and max over time -> logits [B, len(ACTIONS)]. Any frame count."""
-
-    def __init__(self, cfg: ActionNetConfig):
-        super().__init__()
-        self.cfg = cfg
-        flat = SynthNetConfig(cfg.width, cfg.crop).flat_features
-        self.crop_net = nn.Sequential(conv_stack(cfg.width), nn.Linear(flat, cfg.appearance))
-        self.temporal = nn.Sequential(nn.Conv1d(31 + cfg.appearance, cfg.hidden, 3, padding=1), nn.GELU(),
-                                      nn.Conv1d(cfg.hidden, cfg.hidden, 3, padding=1), nn.GELU())
-        self.head = nn.Linear(2 * cfg.hidden, len(ACTIONS))
-
-    def forward(self, frames: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
-        """frames [B, F, 3, S, S] in [-1, 1], landmarks [B, F, 5, 2] in their pixels."""
-        B, Fr, _, S, _ = frames.shape
-        crops = faces.align_faces(frames.flatten(0, 1), landmarks.flatten(0, 1), size=self.cfg.crop, fill=-1.0)
-        look = self.crop_net(crops).view(B, Fr, -1)
-        h = self.temporal(torch.cat([trajectory_features(landmarks, S), look], -1).transpose(1, 2))
-        return self.head(torch.cat([h.mean(-1), h.amax(-1)], -1))
-
-
-def load_world_models(path=WORLD_MODEL) -> tuple[SceneNet, ActionNet]:
-    scene = faces.load_model(path, "scene", lambda c: SceneNet(SynthNetConfig(**c)), TRAIN_WORLD)
-    action = faces.load_model(path, "action", lambda c: ActionNet(ActionNetConfig(**c)), TRAIN_WORLD)
-    return scene, action
-
-
-@dataclass
-class Judges:
-    """The frozen models the metrics use."""
-    embedder: nn.Module
-    detector: faces.SynthFaceDetector
-    scenes: SceneNet
-    actions: ActionNet
-
-
-def load_judges(face_model=faces.SYNTH_FACE_MODEL, world_model=WORLD_MODEL, face_onnx=None) -> Judges:
-    """The synthetic world's detector, embedder (or ArcFace from `face_onnx`) and classifiers."""
-    embedder = faces.load_embedder(face_onnx or face_model)
-    return Judges(embedder, faces.load_synth_detector(face_model), *load_world_models(world_model))
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -214,11 +129,6 @@ def labels_of(prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """(action, scene) indices the prompts name, -1 where none or several."""
     parsed = torch.tensor([parse_prompt(p) for p in prompts]).view(-1, 2)
     return parsed[:, 0], parsed[:, 1]
-
-
-def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """1 where the most probable class is the label, 0 where not, NaN without a label."""
-    return torch.where(labels >= 0, (probs.argmax(-1) == labels).float(), math.nan)
 
 
 @torch.no_grad()
@@ -333,64 +243,6 @@ def reconstruction(vae, n: int = 64, size: int = 32, frames: int = 9, seed: int 
             for stat, value in (("psnr", 10 * math.log10(4 / (mse / n))), ("l1", l1 / n))}
 
 
-# ----------------------------------------------------------------------------- training the classifiers
-
-@dataclass
-class WorldTrainConfig:
-    out: str = flag(str(WORLD_MODEL), "output folder (config.json, scene/action.safetensors, metrics.json)")
-    face_model: str = flag(str(faces.SYNTH_FACE_MODEL), "folder of the synthetic face detector")
-    steps: int = flag(500, "optimizer steps")
-    clips: int = flag(32, "clips per step (frames alternate between 9 and 17)")
-    lr: float = flag(3e-3, "AdamW peak learning rate")
-    test_clips: int = flag(256, "held-out clips (test identities) for the accuracies")
-    seed: int = flag(0, "seed of weights and data")
-
-
-def world_batch(detector, clips: int, frames: int, split: str, g: torch.Generator, augment: bool) -> dict:
-    """Synthetic clips at WORLD_SIZE with their references and detected landmarks, frames
-    [B, F, 3, S, S] (degraded like decoded video when `augment`)."""
-    batch = SynthWorld().sample(clips, split, frames, WORLD_SIZE, "cross", generator=g)
-    video = batch["video"].transpose(1, 2).flatten(0, 1)
-    if augment:
-        video = faces.degrade(faces.colour_jitter(video, g), g)
-    landmarks = detector.detect_batch(video)[0].view(clips, frames, 5, 2)
-    return {**batch, "frames": video.view(clips, frames, 3, WORLD_SIZE, WORLD_SIZE), "detected": landmarks}
-
-
-def world_loss(scene_net: SceneNet, action_net: ActionNet, b: dict) -> torch.Tensor:
-    """Scene cross-entropy on every frame and the reference, action cross-entropy per clip."""
-    B, Fr = b["frames"].shape[:2]
-    images = torch.cat([b["frames"].flatten(0, 1), b["ref"]])
-    scenes = torch.cat([b["scene"].repeat_interleave(Fr), b["ref_scene"]])
-    return F.cross_entropy(scene_net(images), scenes) + F.cross_entropy(action_net(b["frames"], b["detected"]), b["action"])
-
-
-def train_world_models(cfg: WorldTrainConfig) -> dict:
-    """Train SceneNet and ActionNet on train identities; accuracies on test identities."""
-    torch.manual_seed(cfg.seed)
-    g = torch.Generator().manual_seed(cfg.seed)
-    detector = faces.load_synth_detector(cfg.face_model)
-    scene_net, action_net = SceneNet(SynthNetConfig(8, WORLD_SIZE, len(SCENES))), ActionNet(ActionNetConfig())
-    start, cpu_start = time.perf_counter(), time.process_time()
-    faces.fit([*scene_net.parameters(), *action_net.parameters()], cfg.steps, cfg.lr,
-              lambda k: world_loss(scene_net, action_net, world_batch(detector, cfg.clips, (9, 17)[k % 2], "train", g, True)),
-              "scene+action", log_every=50)
-    scene_net.eval().requires_grad_(False)
-    action_net.eval().requires_grad_(False)
-    metrics = {"train_cpu_seconds": round(time.process_time() - cpu_start), "train_wall_seconds":
-               round(time.perf_counter() - start), "torch_threads": torch.get_num_threads()}
-    test_g = torch.Generator().manual_seed(cfg.seed + 1)
-    for frames in (9, 17):
-        b = world_batch(detector, cfg.test_clips, frames, "test", test_g, False)
-        scene_p = scene_net(b["frames"].flatten(0, 1)).softmax(-1).view(cfg.test_clips, frames, -1).mean(1)
-        metrics[f"scene_acc_{frames}f"] = accuracy(scene_p, b["scene"]).mean().item()
-        metrics[f"action_acc_{frames}f"] = accuracy(action_net(b["frames"], b["detected"]), b["action"]).mean().item()
-        metrics[f"ref_scene_acc_{frames}f"] = accuracy(scene_net(b["ref"]), b["ref_scene"]).mean().item()
-    metrics["config"] = asdict(cfg)
-    faces.save_models(cfg.out, {"scene": scene_net, "action": action_net}, metrics)
-    return metrics
-
-
 # ----------------------------------------------------------------------------- command line
 
 def read_videos(paths: list[str], refs: list[str], prompts: list[str]):
@@ -408,56 +260,52 @@ def read_videos(paths: list[str], refs: list[str], prompts: list[str]):
         yield video, load_image(refs[k % len(refs)], size)[None], [prompts[k % len(prompts)]]
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--benchmark", action="store_true", help="generate the synthetic test set with --ckpt and score it")
-    p.add_argument("--recon", action="store_true", help="the VAE of --ckpt on --n held-out clips and images: PSNR and L1")
-    p.add_argument("--ckpt", default=None, help="checkpoint folder or run folder (train.py) for --benchmark")
-    p.add_argument("--n", type=int, default=32, help="test clips")
-    p.add_argument("--steps", type=int, default=20, help="sampling steps")
-    p.add_argument("--s-text", type=float, default=5.0, help="text guidance scale s_y")
-    p.add_argument("--s-ref", type=float, default=7.5, help="reference guidance scale s_r")
-    p.add_argument("--seed", type=int, default=0, help="seed of the test set and the noise")
-    p.add_argument("--ref-source", default="cross", choices=REF_SOURCES,
-                   help="--benchmark references: cross (another clip of the identity: other pose, light, scene; the "
-                        "paper's setting), portrait (the same, posed like an ID photo: centred, fixed size, mild "
-                        "pose) or in_clip (a frame of the clip itself: nothing to carry across pose, position or "
-                        "light; the copy-paste trap)")
-    p.add_argument("--videos", nargs="+", default=None, help="video files or folders of them to score")
-    p.add_argument("--refs", nargs="+", default=[], help="reference image per video (or one for all)")
-    p.add_argument("--prompts", nargs="+", default=[], help="prompt per video (or one for all)")
-    p.add_argument("--out", default="out/evaluation", help="writes OUT.json and OUT.md")
-    p.add_argument("--sheet", default=None, help="--benchmark: PNG of generated rows above the real clips of their "
-                                                  "identities; --recon: held-out clips above their reconstructions")
-    p.add_argument("--sheet-rows", type=int, default=4, help="--benchmark, --recon: test clips shown in --sheet")
-    p.add_argument("--face-model", default=str(faces.SYNTH_FACE_MODEL), help="synthetic face detector + embedder folder")
-    p.add_argument("--face-onnx", default=None, help="InsightFace ArcFace .onnx to embed faces with instead")
-    p.add_argument("--world-model", default=str(WORLD_MODEL), help="scene and action classifier folder")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device for generation")
-    p.add_argument("--train-classifiers", action="store_true",
-                   help="train the world's scene and action classifiers into --world-model (detector: --face-model)")
-    p.add_argument("--train-steps", type=int, default=WorldTrainConfig.steps, help="--train-classifiers: optimizer steps")
-    p.add_argument("--clips", type=int, default=WorldTrainConfig.clips, help="--train-classifiers: clips per step")
-    args = p.parse_args(argv)
+@dataclass
+class EvalConfig:
+    benchmark: bool = flag(False, "generate the synthetic test set with --ckpt and score it")
+    recon: bool = flag(False, "the VAE of --ckpt on --n held-out clips and images: PSNR and L1")
+    ckpt: str = flag("", "checkpoint folder or run folder (train.py) for --benchmark and --recon")
+    n: int = flag(32, "test clips")
+    steps: int = flag(20, "sampling steps")
+    s_text: float = flag(5.0, "text guidance scale s_y")
+    s_ref: float = flag(7.5, "reference guidance scale s_r")
+    seed: int = flag(0, "seed of the test set and the noise")
+    ref_source: str = flag("cross", f"--benchmark references, one of {REF_SOURCES}: cross (another clip of the "
+                                    "identity: other pose, light, scene; the paper's setting), portrait (the same, "
+                                    "posed like an ID photo) or in_clip (a frame of the clip itself: the copy-paste trap)")
+    videos: list = flag([], "video files or folders of them to score")
+    refs: list = flag([], "reference image per video (or one for all)")
+    prompts: list = flag([], "prompt per video (or one for all)")
+    out: str = flag("out/evaluation", "writes OUT.json and OUT.md")
+    sheet: str = flag("", "--benchmark: PNG of generated rows above the real clips of their identities; --recon: "
+                          "held-out clips above their reconstructions")
+    sheet_rows: int = flag(4, "--benchmark, --recon: test clips shown in --sheet")
+    face_model: str = flag(str(SYNTH_FACE_MODEL), "synthetic face detector + embedder folder")
+    face_onnx: str = flag("", "InsightFace ArcFace .onnx to embed faces with instead")
+    world_model: str = flag(str(WORLD_MODEL), "scene and action classifier folder")
+    device: str = flag("cpu", "device for generation (cpu, cuda)")
 
-    if args.train_classifiers:
-        cfg = WorldTrainConfig(args.world_model, args.face_model, args.train_steps, args.clips, seed=args.seed)
-        print(json.dumps({k: v for k, v in train_world_models(cfg).items() if k != "config"}, indent=2))
-        return 0
+
+def main(argv=None) -> int:
+    p = add_flags(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter),
+                  EvalConfig)
+    args = config_from(EvalConfig, p.parse_args(argv))
+    if args.ref_source not in REF_SOURCES:
+        p.error(f"--ref-source must be one of {REF_SOURCES}")
     if not args.benchmark and not args.recon and not args.videos:
-        p.error("pass --benchmark --ckpt PATH, --recon --ckpt PATH, --videos ... or --train-classifiers")
+        p.error("pass --benchmark --ckpt PATH, --recon --ckpt PATH or --videos ...")
     if (args.benchmark or args.recon) and not args.ckpt:
         p.error("--benchmark and --recon need --ckpt")
     try:
         if args.recon:
             pipe, _ = checkpoint.load(args.ckpt)
             print(json.dumps(reconstruction(pipe.vae.eval(), args.n, pipe.size, pipe.frames, args.seed,
-                                            sheet=args.sheet, sheet_rows=args.sheet_rows), indent=2))
+                                            sheet=args.sheet or None, sheet_rows=args.sheet_rows), indent=2))
             return 0
-        judges = load_judges(args.face_model, args.world_model, args.face_onnx)
+        judges = load_judges(args.face_model, args.world_model, args.face_onnx or None)
         if args.benchmark:
             rows = benchmark(judges, args.ckpt, args.n, args.steps, args.s_text, args.s_ref, args.seed, args.device,
-                             args.sheet, args.sheet_rows, args.ref_source)
+                             args.sheet or None, args.sheet_rows, args.ref_source)
         else:
             per_video = [evaluate_videos(judges, *item) for item in read_videos(args.videos, args.refs, args.prompts)]
             rows = {"videos": summarise({k: torch.cat([m[k] for m in per_video]) for k in per_video[0]})}

@@ -6,9 +6,8 @@ latent frame appended after the video tokens, z~_t = [z_t, z_ref] (Sec. 3.1), po
 TASS-RoPE (Sec. 3.2) and seen at timestep 0 (it is clean); its output is discarded.
 
 Dropping the reference for sample b = hiding keys >= N_video from every query of b: a
-per-sample key length kv_len[b] (design.md, "Dropping the reference inside a batch").
+per-sample key length kv_len[b] (see guidance.py and fused/rope_attention.py).
 """
-import argparse
 import math
 from dataclasses import dataclass, fields, replace
 
@@ -17,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from fused import rope_attention
 from rope import (apply_rope, ltx2_positions, ltx2_rope_frequencies, reference_positions, rope_frequencies,
                   video_positions)
 
@@ -31,7 +31,7 @@ class DiTConfig:
     mlp_ratio: float = 4.0
     rope_theta: float = 10000.0
     ref_mode: str = "tass"  # rope.reference_positions mode
-    attn_backend: str = "torch"  # "torch" (reference) or "triton" (kernels.rope_attention)
+    attn_backend: str = "torch"  # "torch" (reference) or "triton" (fused.rope_attention)
     grad_checkpoint: bool = False
     # LTX-2.3 features (all off for the project's own configs; on in "ltx2-video")
     gated_attention: bool = False  # per-head gates 2 sigmoid(W x) on each attention's output
@@ -46,26 +46,10 @@ class DiTConfig:
         return 9 if self.cross_attention_adaln else 6
 
 
-CONFIGS = {
-    "tiny": DiTConfig(in_channels=8, dim=64, depth=2, heads=2, text_dim=64),
-    "demo": DiTConfig(in_channels=8, dim=128, depth=4, heads=4, text_dim=128),  # trains on a 2-core CPU
-    "small": DiTConfig(in_channels=16, dim=384, depth=8, heads=6, text_dim=128),
-    # LTX-2.3's video branch: 48 layers, 4096 wide, 32 heads of 128, 128 latent channels.
-    "ltx2-video": DiTConfig(in_channels=128, dim=4096, depth=48, heads=32, text_dim=4096, gated_attention=True,
-                            cross_attention_adaln=True, caption_projection=False, rope="ltx2"),
-}
-
-
 def with_overrides(cfg: DiTConfig, **overrides) -> DiTConfig:
     """cfg with the given fields replaced; unknown names and None values are ignored."""
     known = {f.name for f in fields(DiTConfig)}
     return replace(cfg, **{k: v for k, v in overrides.items() if k in known and v is not None})
-
-
-def config_from(name: str, **overrides) -> DiTConfig:
-    if name not in CONFIGS:
-        raise ValueError(f"unknown DiT config {name!r}; choose one of {sorted(CONFIGS)}")
-    return with_overrides(CONFIGS[name], **overrides)
 
 
 # ----------------------------------------------------------------------------- attention
@@ -85,7 +69,6 @@ def rope_sdpa(q, k, v, pos, freqs, kv_len):
 
 def self_attention(q, k, v, pos, freqs, kv_len, backend: str):
     if backend == "triton":
-        from kernels import rope_attention
         return rope_attention(q, k, v, pos, freqs, kv_len)
     if backend != "torch":
         raise ValueError(f"unknown attention backend {backend!r}; choose 'torch' or 'triton'")
@@ -313,16 +296,3 @@ def identity_blocks(dit: DiT, start: int) -> None:
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
-
-
-def main():
-    p = argparse.ArgumentParser(description="Build a DiT config (on the meta device) and print its size.")
-    p.add_argument("--config", default="ltx2-video", choices=sorted(CONFIGS), help="which DiT config to build")
-    args = p.parse_args()
-    with torch.device("meta"):
-        model = DiT(CONFIGS[args.config])
-    print(f"{args.config}: {count_parameters(model) / 1e9:.3f} B parameters ({count_parameters(model):,})")
-
-
-if __name__ == "__main__":
-    main()

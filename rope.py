@@ -127,7 +127,7 @@ def ltx2_positions(latent_pos: torch.Tensor, fps: float = 24.0, scale=LTX2_SCALE
 def ltx2_rope_frequencies(dim: int, heads: int, theta: float = 10000.0) -> torch.Tensor:
     """[heads, D/2, 3] float32, D = dim / heads: LTX-2's per-head RoPE frequencies for ltx2_positions,
     in the rotate-half ("split") layout; the "interleaved" layout is the same after permuting each
-    head's q and k channels (ltx2.py does that to the weights)."""
+    head's q and k channels (ltx2/convert.py does that to the weights)."""
     n = dim // 6
     f = (theta ** torch.linspace(0.0, 1.0, n, dtype=torch.float64) * math.pi / 2.0).float()
     table = torch.zeros(dim // 2, 3)

@@ -9,7 +9,7 @@ The encoder never attends to padding and zeroes its output there, so a prompt's 
 not depend on how much padding follows it.
 
 Precomputed prompt embeddings (a larger model's text encoder, e.g. LTX-2.3's Gemma 3 + text
-connector, written by `python ltx2.py encode-prompts`) replace the encoder: a safetensors file with
+connector, written by `python -m ltx2 encode-prompts`) replace the encoder: a safetensors file with
 `prompt_embeds` [L, D] and `prompt_attention_mask` [L] per prompt; the empty prompt's, used when the
 text is dropped, sit beside them in `empty.safetensors` (EMPTY_EMBEDS).
 """
@@ -110,7 +110,7 @@ def load_prompt_embeds(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Ten
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"prompt embeddings not found: {path} (write them with `python ltx2.py encode-prompts`)")
+        raise FileNotFoundError(f"prompt embeddings not found: {path} (write them with `python -m ltx2 encode-prompts`)")
     w = load_file(str(path))
     if "prompt_embeds" not in w or "prompt_attention_mask" not in w:
         raise ValueError(f"{path} needs tensors prompt_embeds [L, D] and prompt_attention_mask [L]; has {sorted(w)}")
@@ -146,5 +146,5 @@ def check_text_width(y: torch.Tensor, text_dim: int) -> torch.Tensor:
     """Precomputed embeddings [..., D] must come at the DiT's text width."""
     if y.shape[-1] != text_dim:
         raise ValueError(f"prompt embeddings are {y.shape[-1]} wide but the DiT's text_dim is {text_dim}: encode the "
-                         f"prompts with the text encoder this DiT was trained with (LTX-2.3: ltx2.py encode-prompts)")
+                         f"prompts with the text encoder this DiT was trained with (LTX-2.3: python -m ltx2 encode-prompts)")
     return y

@@ -4,11 +4,11 @@
     python train.py --stage dit --config tiny --init runs/vae --ref none --out runs/base   # text-to-video base
     python train.py --stage dit --config tiny --init runs/base --out runs/stdrc              # ST-DRC fine-tune
     python train.py --stage dit --config ltx2 --init LTX-2.3/transformer --vae LTX-2.3/vae --data clips.embeds.jsonl
-                                                    # ST-DRC on LTX-2.3 (prompt embeddings: ltx2.py encode-prompts)
+                                                    # ST-DRC on LTX-2.3 (prompt embeddings: python -m ltx2 encode-prompts)
     torchrun --nproc_per_node 2 train.py ...                                                # DDP (gloo on CPU)
     torchrun --nproc_per_node 8 train.py ... --fsdp                                         # FSDP2, no full copy per rank
 
-Every flag is a field of TrainConfig (`--help` lists them). Checkpoints: see checkpoint.py;
+Every flag is a field of TrainConfig (`--help` lists them). Checkpoints: see infra/checkpoint.py;
 `--resume` continues a run folder exactly (weights, EMA, optimizer, step; the data and noise
 of step k are drawn from a generator seeded by (seed, rank, k)).
 """
@@ -16,8 +16,6 @@ import argparse
 import contextlib
 import copy
 import json
-import os
-import resource
 import shutil
 import sys
 import time
@@ -30,15 +28,21 @@ import torch.nn as nn
 import torch.utils.checkpoint
 from tqdm import tqdm
 
-import checkpoint
-from cli import add_flags, config_from, flag
+from safetensors.torch import load_file
+
 import data
+from faces import embed_faces
 from guidance import dropout_masks, shift_for_tokens, shift_time
+from infra import checkpoint
+from infra.cli import add_flags, config_from, flag
+from infra.distributed import full_state, peak_memory_gb, restore, setup_distributed, wrap
+from infra.surgery import deepened, preset_checkpoint, rewidened
 from losses import add_noise, clean_estimate, flow_loss, identity_loss, temporal_identity_loss, total_loss, w_aux
-import ltx2
-from model import identity_blocks
+from ltx2.convert import build_pipeline as build_ltx2_pipeline, find_transformer
+from pipeline import Pipeline, build_pipeline, generate
 from text import EMPTY_PROMPT, check_text_width, pad_prompt_embeds, text_pair, tokenize
-from vae import face_weight, latent_weight
+from vae import compute_latent_stats, face_weight, latent_weight
+from world.face_nets import load_embedder
 
 
 T_DISTS = ("logit-normal", "uniform")  # --t-dist, see sample_t
@@ -112,101 +116,6 @@ def parse_args(argv=None) -> TrainConfig:
     return config_from(TrainConfig, add_flags(p, TrainConfig).parse_args(argv))
 
 
-# ----------------------------------------------------------------------------- distributed
-
-def setup_distributed(cfg: TrainConfig):
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain python runs as a world of one."""
-    if cfg.fsdp and cfg.stage != "dit":
-        sys.exit("train.py: --fsdp shards the DiT (--stage dit); train the VAE without it")
-    if cfg.fsdp and "RANK" not in os.environ:
-        sys.exit("train.py: --fsdp shards over the processes torchrun starts: torchrun --nproc_per_node N train.py ... --fsdp")
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        return rank, world, torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    return rank, world, torch.device("cpu")
-
-
-def wrap(module: nn.Module, cfg: TrainConfig, world: int, device) -> nn.Module:
-    if cfg.fsdp:
-        return shard(module, device, bf16=cfg.bf16 and device.type == "cuda")
-    if world > 1:
-        return nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
-    return module
-
-
-def shard(module: nn.Module, device, bf16: bool) -> nn.Module:
-    """FSDP2 for the Denoiser without a full copy on any device: rank 0's module (its tensors memory-mapped
-    from the checkpoint files, or a fresh preset's) is the source; every rank moves its module to the meta
-    device (fp32 master weights), applies fully_shard to each DiT block, the DiT, the text encoder and the
-    root, allocates only its own shards (to_empty) and receives them from rank 0 one tensor at a time."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    source = module.state_dict() if dist.get_rank() == 0 else {}
-    module.to(device="meta", dtype=torch.float32)  # rank 0's source keeps its own tensors
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
-    for unit in [*module.dit.blocks, module.dit, module.text]:  # the DiT and text encoder on their own: sampling calls them
-        if unit is not None:
-            fully_shard(unit, mp_policy=mp)
-    fully_shard(module, mp_policy=mp)
-    module.to_empty(device=device)
-    set_model_state_dict(module, source, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    module.dit.reset_rope_table()  # a non-persistent buffer: not in the state dict
-    local, total = sum(p.to_local().numel() for p in module.parameters()), sum(p.numel() for p in module.parameters())
-    print(f"train.py: FSDP rank {dist.get_rank()} of {dist.get_world_size()} holds {local:,} of {total:,} parameters",
-          flush=True)
-    return module
-
-
-def full_state(cfg, trained, opt, ema, rank) -> tuple[dict, dict, dict | None]:
-    """(raw weights, optimizer state, EMA) for a checkpoint: the live ones, or under FSDP full tensors gathered
-    onto rank 0's CPU one at a time (a collective: every rank calls it; the others get empty dicts)."""
-    if not cfg.fsdp:
-        return trained.state_dict(), opt.state_dict(), ema
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-    from torch.distributed.tensor import DTensor
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    raw, optim = get_model_state_dict(trained, options=options), get_optimizer_state_dict(trained, opt, options=options)
-    if ema is None:
-        return raw, optim, None
-    full = {}
-    for k, v in ema.items():
-        v = v.full_tensor() if isinstance(v, DTensor) else v
-        if rank == 0:
-            full[k] = v.cpu()
-    return raw, optim, full
-
-
-def restore(cfg, trained, opt, state: dict) -> dict | None:
-    """Load a checkpoint's state.pt (raw weights and optimizer) into the trained module; returns its EMA, under
-    FSDP as this rank's shards (raw and optimizer are broadcast from rank 0, the EMA sliced on each rank)."""
-    if state.get("fsdp", False) != cfg.fsdp:
-        was = "with" if state.get("fsdp") else "without"
-        sys.exit(f"train.py: the checkpoint was written {was} --fsdp: resume it {was} --fsdp (any number of processes)")
-    if not cfg.fsdp:
-        trained.load_state_dict(state["raw"])
-        opt.load_state_dict(state["optimizer"])
-        return state["ema"]
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    first = dist.get_rank() == 0
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-    set_model_state_dict(trained, state["raw"] if first else {}, options=options)
-    set_optimizer_state_dict(trained, opt, state["optimizer"] if first else {}, options=options)
-    if state["ema"] is None:
-        return None
-    like = trained.state_dict()  # FSDP's layout of each tensor
-    return {k: distribute_tensor(v, like[k].device_mesh, like[k].placements, src_data_rank=None)
-            if isinstance(like[k], DTensor) else v.to(like[k].device) for k, v in state["ema"].items()}
-
-
 # ----------------------------------------------------------------------------- the trained module
 
 class VAETrainer(nn.Module):
@@ -243,7 +152,6 @@ def sample_t(batch: int, mu: float, g: torch.Generator, dist: str = "logit-norma
 def face_terms(cfg, pipe, embedder, z_t, t, v, batch, keep_ref):
     """L_id and L_tic on the clean estimate (Sec. 3.3): decode the first id_frames latent
     frames of z^_0 with the frozen VAE, align with the clip's landmarks, embed."""
-    from faces import embed_faces
 
     z0_hat = clean_estimate(z_t, t, v)[:, :, : cfg.id_frames]
     if cfg.grad_checkpoint:  # recompute the decoder's activations in the backward pass
@@ -261,12 +169,6 @@ def face_terms(cfg, pipe, embedder, z_t, t, v, batch, keep_ref):
 
 # ----------------------------------------------------------------------------- loop helpers
 
-def peak_memory_gb(device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
-
-
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up, constant, then (--cooldown N) linear decay over the last N steps, ending at lr / N."""
     cool = (cfg.steps - step) / cfg.cooldown if cfg.cooldown else 1.0
@@ -280,49 +182,12 @@ def ema_update(ema: dict[str, torch.Tensor], module: nn.Module, decay: float):
             ema[k].lerp_(p.detach().to(ema[k].dtype), 1 - decay)
 
 
-def preset_checkpoint(path: str, preset: str, flag: str) -> tuple[Path, dict]:
-    """The checkpoint folder `path` names, which must have been trained with --config preset (one-line exit),
-    and its config.json."""
-    src = checkpoint.resolve(path)
-    saved = json.loads((src / "config.json").read_text())
-    trained = saved.get("preset")
-    if trained != preset:
-        sys.exit(f"train.py: {flag} {src} was trained with --config {trained}, not {preset}; "
-                 f"pass --config {trained} or start from a checkpoint of {preset}")
-    return src, saved
-
-
-def deepened(weights: dict[str, torch.Tensor], dit: nn.Module) -> dict[str, torch.Tensor]:
-    """--init's weights for a DiT with as many or more blocks: the blocks the checkpoint lacks are `dit`'s own,
-    made the identity (model.identity_blocks), so the deeper DiT computes --init's function at step 0."""
-    n = len({k.split(".")[2] for k in weights if k.startswith("dit.blocks.")})
-    if n == 0 or n == len(dit.blocks):
-        return weights
-    if n > len(dit.blocks):
-        raise ValueError(f"a DiT of {len(dit.blocks)} blocks is shallower than --init's DiT ({n} blocks; a DiT only "
-                         f"grows): pass --depth {n} or more, also with --resume of a grown run")
-    identity_blocks(dit, n)
-    return {**checkpoint.state_dict({"dit": dit}), **weights}
-
-
-def rewidened(weights: dict[str, torch.Tensor], dit: nn.Module) -> dict[str, torch.Tensor]:
-    """--init's weights for a DiT on latents of another width (a --vae with more or fewer latent channels):
-    the DiT's 1x1x1 patchify and output projection, the only layers that see a latent channel, are `dit`'s own
-    (fresh: random in, zero out); every block, the text path and the timestep embedding are --init's."""
-    own = {k: v for k, v in checkpoint.state_dict({"dit": dit}).items() if k.split(".")[1] in ("patchify", "proj_out")}
-    if all(weights.get(k, v).shape == v.shape for k, v in own.items()):
-        return weights
-    print(f"train.py: --init's DiT takes {weights['dit.patchify.weight'].shape[1]} latent channels, the VAE gives "
-          f"{dit.cfg.in_channels}: its patchify and proj_out start fresh", file=sys.stderr)
-    return {**weights, **own}
-
-
-def build(cfg: TrainConfig, device) -> checkpoint.Pipeline:
+def build(cfg: TrainConfig, device) -> Pipeline:
     """The pipeline: fresh for this preset, from --init (a checkpoint of the same preset), or for
     --config ltx2 from LTX-2.3 weights (or a checkpoint of an ltx2 run, rebuilt from its config)."""
     overrides = dict(ref_mode=None if cfg.ref == "none" else cfg.ref, attn_backend=cfg.attn, depth=cfg.depth or None,
                      grad_checkpoint=cfg.grad_checkpoint, fps=cfg.fps, rope_theta=cfg.rope_theta or None)
-    from_ltx2 = bool(cfg.init) and ltx2.find_transformer(cfg.init) is not None
+    from_ltx2 = bool(cfg.init) and find_transformer(cfg.init) is not None
     if from_ltx2 and cfg.config != "ltx2":
         sys.exit(f"train.py: --init {cfg.init} is an LTX-2.3 transformer checkpoint: pass --config ltx2")
     if cfg.config == "ltx2" and cfg.stage == "vae":
@@ -337,7 +202,7 @@ def build(cfg: TrainConfig, device) -> checkpoint.Pipeline:
     try:
         if from_ltx2:
             dtype = None if cfg.fsdp else torch.float32  # FSDP: left memory-mapped, shard() makes fp32 shards
-            pipe = ltx2.build_pipeline(cfg.init, cfg.vae, cfg.size, cfg.frames, dtype=dtype, **overrides)
+            pipe = build_ltx2_pipeline(cfg.init, cfg.vae, cfg.size, cfg.frames, dtype=dtype, **overrides)
         else:
             src, saved = preset_checkpoint(cfg.init, cfg.config, "--init") if cfg.init else (None, None)
             if cfg.config == "ltx2":  # a checkpoint of an ltx2 run describes its own pipeline
@@ -348,15 +213,15 @@ def build(cfg: TrainConfig, device) -> checkpoint.Pipeline:
             else:
                 if src and not cfg.rope_theta:  # --init's (and so --resume's) RoPE unless --rope-theta changes it
                     overrides["rope_theta"] = saved["dit"]["rope_theta"]
-                pipe = checkpoint.build_pipeline(cfg.config, cfg.latent_channels, **overrides)
+                pipe = build_pipeline(cfg.config, cfg.latent_channels, **overrides)
                 if src:
-                    weights = checkpoint.load_file(str(src / "model.safetensors"))
+                    weights = load_file(str(src / "model.safetensors"))
                     if cfg.vae:  # --vae's VAE replaces --init's, which may be of another latent width
                         weights = rewidened({k: v for k, v in weights.items() if not k.startswith("vae.")}, pipe.dit)
                     checkpoint.load_state(pipe.modules(), deepened(weights, pipe.dit), strict=False)
                 if cfg.vae:  # another checkpoint's VAE (e.g. one trained further) in place of --init's
                     vae_src, _ = preset_checkpoint(cfg.vae, cfg.config, "--vae")
-                    checkpoint.load_state({"vae": pipe.vae}, checkpoint.load_file(str(vae_src / "model.safetensors")))
+                    checkpoint.load_state({"vae": pipe.vae}, load_file(str(vae_src / "model.safetensors")))
             pipe.size, pipe.frames, pipe.fps = cfg.size or pipe.size, cfg.frames or pipe.frames, cfg.fps
         pipe.check()
     except (FileNotFoundError, ValueError) as e:
@@ -416,7 +281,7 @@ def pixel_face_weight(cfg, batch) -> torch.Tensor | None:
         return None
     if "landmarks" not in batch:
         raise SystemExit("train.py: --face-weight needs face landmarks: the synthetic world, or manifest lines "
-                         "with \"faces\" (python faces.py landmarks)")
+                         "with \"faces\" (python -m interop.scrfd)")
     return face_weight(batch["landmarks"], batch["video"].shape[-1], cfg.face_weight, batch.get("face_present"))
 
 
@@ -445,7 +310,7 @@ def text_inputs(pipe, batch, keep_y):
         return None, mask, check_text_width(y, pipe.dit.cfg.text_dim)
     if pipe.text is None:
         raise ValueError("this pipeline has no text encoder: train on a manifest whose lines carry \"prompt_embeds\" "
-                         "(python ltx2.py encode-prompts)")
+                         "(python -m ltx2 encode-prompts)")
     prompts = [p if k else EMPTY_PROMPT for p, k in zip(batch["prompt"], keep_y.tolist())]
     tokens, mask = tokenize(prompts, pipe.text.config.max_len)
     return tokens, mask, None
@@ -519,7 +384,6 @@ def train(cfg: TrainConfig) -> Path:
         ema, step = restore(cfg, trained, opt, state), state["step"]
     embedder = None
     if cfg.stage == "dit" and cfg.face_model and cfg.ref != "none" and (cfg.lambda_id or cfg.lambda_tic):
-        from faces import load_embedder
         embedder = load_embedder(cfg.face_model).to(device)
     next_batch = batches(cfg, pipe, rank, world, device)
     autocast = torch.autocast("cuda", torch.bfloat16) if cfg.bf16 and device.type == "cuda" else contextlib.nullcontext()
@@ -580,7 +444,6 @@ def export_weights(cfg, pipe, raw, ema, next_batch) -> dict[str, torch.Tensor]:
     weights.update({k: v.detach().contiguous() for k, v in raw.items()})
     weights.update({k: v.to(weights[k].dtype) for k, v in (ema or {}).items()})
     if cfg.stage == "vae":
-        from vae import compute_latent_stats
 
         vae = copy.deepcopy(pipe.vae)
         checkpoint.load_state({"vae": vae}, weights)
@@ -602,7 +465,6 @@ def save(cfg, out, pipe, raw, optim, ema, step, next_batch):
 
 
 def write_sample(cfg, pipe, batch, path):
-    from sample import generate
 
     text = None
     if "prompt_embeds" in batch:

@@ -52,13 +52,6 @@ class VAEConfig:
         return max(int(math.log2(self.spatial)), int(math.log2(self.tau)))
 
 
-VAE_CONFIGS = {
-    "tiny": VAEConfig(latent_channels=8, spatial=4, tau=4, width=16),   # 32x32 frames
-    "demo": VAEConfig(latent_channels=8, spatial=4, tau=4, width=32),   # 32x32 frames, the bundled model
-    "small": VAEConfig(latent_channels=16, spatial=4, tau=4, width=32, channel_mult=(1, 2, 3)),  # 64x64 frames
-}
-
-
 class CausalConv3d(nn.Module):
     """3D conv whose output frame t sees input frames <= t (time padded with copies of frame 0).
 

@@ -1,14 +1,15 @@
 """Small shared fixtures for the tests."""
 import torch
 
-from model import DiT, config_from
+from model import DiT, with_overrides
+from pipeline import PRESETS
 
 
 def tiny_dit(seed: int = 0, **overrides) -> DiT:
     """The tiny DiT with every parameter randomised, so zero-initialised gates and output
     layers do not make branches vanish (which would let wrong code pass)."""
     torch.manual_seed(seed)
-    model = DiT(config_from("tiny", **overrides))
+    model = DiT(with_overrides(PRESETS["tiny"].dit, **overrides))
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * 0.2)

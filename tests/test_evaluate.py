@@ -5,6 +5,9 @@ chance FaceSim; random prompts give chance prompt alignment; in-clip references 
 pose and scene (copy-paste) than cross-clip ones; a still video has no dynamics; frames
 without a face are skipped and counted. Plus the command line on a tiny random checkpoint.
 """
+from world import face_nets
+from world import judges as world_judges
+import pipeline
 import json
 
 import numpy as np
@@ -12,11 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
-import checkpoint
+from infra import checkpoint
 import data
 import evaluate
-import faces
-from synth import ACTIONS, SCENES, TEST_ID_START, SynthWorld, make_prompt, render_backgrounds
+from world.synth import ACTIONS, SCENES, TEST_ID_START, SynthWorld, make_prompt, render_backgrounds
 
 N = 24
 
@@ -52,7 +54,7 @@ def test_reference_of_another_identity_gives_chance_face_sim(judges, clips, real
     other = clips["ref"].roll(1, 0)
     assert (clips["identity"].roll(1, 0) != clips["identity"]).all()
     wrong = evaluate.evaluate_videos(judges, clips["video"], other, clips["prompt"], clips["identity"])
-    chance = faces.verification(judges.embedder, range(TEST_ID_START, TEST_ID_START + 60), 2, 32, seed=5,
+    chance = face_nets.verification(judges.embedder, range(TEST_ID_START, TEST_ID_START + 60), 2, 32, seed=5,
                                 detector=judges.detector)["impostor_mean_cos"]
     assert abs(mean(wrong["face_sim"]) - chance) < 0.15
     assert mean(real["face_sim"]) > mean(wrong["face_sim"]) + 0.4
@@ -139,7 +141,7 @@ def test_markdown_table_marks_missing_values():
 
 def test_benchmark_command_on_a_tiny_random_checkpoint(tmp_path, capsys):
     torch.manual_seed(0)
-    checkpoint.save(tmp_path / "ckpt", checkpoint.build_pipeline("tiny"))
+    checkpoint.save(tmp_path / "ckpt", pipeline.build_pipeline("tiny"))
     out = tmp_path / "bench"
     args = ["--benchmark", "--ckpt", str(tmp_path / "ckpt"), "--n", "2", "--steps", "2", "--out", str(out),
             "--sheet", str(tmp_path / "sheet.png")]
@@ -177,13 +179,13 @@ def test_videos_command(tmp_path, clips, capsys):
 
 
 def test_world_classifier_training_end_to_end(tmp_path):
-    cfg = evaluate.WorldTrainConfig(out=str(tmp_path / "wm"), steps=2, clips=2, test_clips=2)
-    metrics = evaluate.train_world_models(cfg)
+    cfg = world_judges.WorldTrainConfig(out=str(tmp_path / "wm"), steps=2, clips=2, test_clips=2)
+    metrics = world_judges.train_world_models(cfg)
     assert {"scene_acc_9f", "action_acc_17f"} <= set(metrics)
-    scenes, actions = evaluate.load_world_models(cfg.out)
+    scenes, actions = world_judges.load_world_models(cfg.out)
     assert scenes(torch.zeros(1, 3, 32, 32)).shape == (1, len(SCENES))
-    with pytest.raises(FileNotFoundError, match="--train-classifiers --world-model"):
-        evaluate.load_world_models(tmp_path / "none")
+    with pytest.raises(FileNotFoundError, match="python -m world.judges --out"):
+        world_judges.load_world_models(tmp_path / "none")
 
 
 def test_reconstruction_psnr_hand_value(tmp_path):

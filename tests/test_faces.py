@@ -17,8 +17,9 @@ from insightface.model_zoo.arcface_onnx import ArcFaceONNX
 from insightface.utils.face_align import estimate_norm, norm_crop
 from torch import nn
 
-from faces import (ARCFACE_TEMPLATE, FaceDetector, align_faces, embed_faces, face_model_dir,
-                   find_arcface_onnx, iresnet, load_arcface, similarity_transform)
+from faces import ARCFACE_TEMPLATE, align_faces, embed_faces, iresnet, similarity_transform
+from interop.arcface_onnx import face_model_dir, find_arcface_onnx, load_arcface
+from interop.scrfd import FaceDetector
 
 TEMPLATE = np.array(ARCFACE_TEMPLATE)
 pytestmark = pytest.mark.filterwarnings("ignore:`estimate` is deprecated:FutureWarning")  # inside insightface

@@ -1,4 +1,4 @@
-"""kernels.rope_attention against an independent float64 RoPE + masked-softmax attention.
+"""fused.rope_attention against an independent float64 RoPE + masked-softmax attention.
 
 Without a GPU the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set by
 tests/conftest.py before anything imports `kernels`). The interpreter cannot do tl.dot on
@@ -12,8 +12,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from kernels import rope_attention
-from kernels.rope_attention import rope_attention_reference
+from fused import rope_attention
+from fused.rope_attention import rope_attention_reference
 from rope import apply_rope, reference_positions, rope_frequencies, video_positions
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"

@@ -1,11 +1,13 @@
 """Parity with diffusers' LTX2VideoTransformer3DModel (LTX-2.3 switches on, random weights, fp32):
-ltx2.py converts it, model.py must give the same video velocity, with and without a TASS reference."""
+ltx2/convert.py converts it, model.py must give the same video velocity, with and without a TASS reference."""
+import pipeline
+from infra import distributed
 import pytest
 import torch
 
 from safetensors.torch import save_file
 
-from ltx2 import convert_state_dict, dit_config_from_diffusers, load_dit, load_ltx2, map_key, official_to_diffusers
+from ltx2.convert import convert_state_dict, dit_config_from_diffusers, load_dit, load_ltx2, map_key, official_to_diffusers
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers (the `test` extra) is needed for LTX-2 parity")
 
@@ -124,7 +126,7 @@ def diffusers_vae():
 
 
 def test_ltx2_vae_matches_diffusers_with_normalised_latents():
-    from ltx2 import LTX2VAE
+    from ltx2.vae import LTX2VAE
 
     ref = diffusers_vae()
     vae = LTX2VAE(ref)
@@ -150,10 +152,10 @@ def test_ltx2_vae_matches_diffusers_with_normalised_latents():
 
 
 def test_encode_prompts_without_gemma_is_one_clear_error(tmp_path, capsys):
-    import ltx2
+    from ltx2.__main__ import main
 
     (tmp_path / "m.jsonl").write_text('{"video": "a.mp4", "caption": "a person nods"}\n')
-    assert ltx2.main(["encode-prompts", "--manifest", str(tmp_path / "m.jsonl"), "--gemma", str(tmp_path / "gemma")]) == 2
+    assert main(["encode-prompts", "--manifest", str(tmp_path / "m.jsonl"), "--gemma", str(tmp_path / "gemma")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"no Gemma weights at {tmp_path / 'gemma'}" in err
     assert "text_encoder/" in err and "connectors/" in err
@@ -178,7 +180,7 @@ def ltx2_world(tmp_path_factory):
     from PIL import Image
 
     import data
-    from ltx2 import write_prompt_embeds
+    from ltx2.gemma import write_prompt_embeds
 
     root = tmp_path_factory.mktemp("ltx2")
     transformer = diffusers_ltx2("split", False)
@@ -245,8 +247,8 @@ def test_ltx2_init_trains_and_samples(ltx2_world, tmp_path, capsys):
     embeds = str(root / "embeds" / "prompt_000000.safetensors")
     loaded = sample.load_pipeline(sample.parse_args(["--ckpt", str(root / "pipe"), "--size", "16", "--frames", "9",
                                                      "--device", "cpu"]))  # a pipeline folder: transformer/ + vae/
-    video = sample.generate(loaded, data.load_image(root / "face.png", 16), "", steps=2, progress=False,
-                            text=sample.load_text(loaded, embeds))
+    video = pipeline.generate(loaded, data.load_image(root / "face.png", 16), "", steps=2, progress=False,
+                            text=pipeline.load_text(loaded, embeds))
     assert video.shape == (3, 9, 16, 16) and torch.isfinite(video).all()
     for ckpt in (root / "pipe" / "transformer", run):  # LTX-2.3 weights, and the checkpoint the training step wrote
         out = tmp_path / f"{ckpt.name}.gif"
@@ -264,7 +266,7 @@ def test_ltx2_init_trains_and_samples(ltx2_world, tmp_path, capsys):
 
 
 def test_fsdp_shards_bf16_ltx2_weights_without_an_fp32_copy(ltx2_world, tmp_path):
-    """--fsdp: train.build leaves a bf16 LTX-2.3 checkpoint's tensors as read (no fp32 copy of the DiT); train.shard
+    """--fsdp: train.build leaves a bf16 LTX-2.3 checkpoint's tensors as read (no fp32 copy of the DiT); distributed.shard
     moves the DiT to the meta device, materialises fp32 shards and fills them with the converted weights (one
     gloo process: a world of one, so its shard is the whole tensor)."""
     import copy
@@ -284,7 +286,7 @@ def test_fsdp_shards_bf16_ltx2_weights_without_an_fp32_copy(ltx2_world, tmp_path
     expected = convert_state_dict(bf16.state_dict(), dit_config_from_diffusers(bf16.config)[0])
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
-        trained = train.shard(train.Denoiser(None, pipe.dit), torch.device("cpu"), bf16=False)
+        trained = distributed.shard(train.Denoiser(None, pipe.dit), torch.device("cpu"), bf16=False)
         state = trained.state_dict()
         assert state.keys() == {f"dit.{k}" for k in expected}
         for k, v in expected.items():

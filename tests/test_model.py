@@ -1,6 +1,7 @@
 import torch
 
-from model import DiT, config_from, key_mask
+from model import DiT, key_mask
+from pipeline import PRESETS
 from tests.helpers import tiny_dit, tiny_inputs
 
 
@@ -49,7 +50,7 @@ def test_key_mask():
 
 def test_one_training_step_reaches_every_parameter():
     torch.manual_seed(0)
-    model = DiT(config_from("tiny")).train()  # real init: zero gates and zero output layer
+    model = DiT(PRESETS["tiny"].dit).train()  # real init: zero gates and zero output layer
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     z_t, t, y, y_mask, z_ref = tiny_inputs()
     touched = {n: False for n, _ in model.named_parameters()}
@@ -80,7 +81,7 @@ def test_gradient_checkpointing_matches():
 
 def test_ltx2_config_builds_on_meta():
     with torch.device("meta"):
-        model = DiT(config_from("ltx2-video"))
+        model = DiT(PRESETS["ltx2-video"].dit)
     n = sum(p.numel() for p in model.parameters())
     assert 12e9 < n < 15e9
     attn = model.blocks[0].attn1

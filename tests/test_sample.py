@@ -36,7 +36,7 @@ def test_sample_errors(ckpt, tmp_path, capsys):
 
 
 def test_checkpoint_of_mismatched_weights_is_a_clear_error(ckpt, tmp_path):
-    import checkpoint
+    from infra import checkpoint
     import json
     import shutil
 

@@ -3,8 +3,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-import synth
-from synth import ACTIONS, SCENES, TEMPLATES, SynthWorld, make_prompt, parse_prompt
+from world import synth
+from world.synth import ACTIONS, SCENES, TEMPLATES, SynthWorld, make_prompt, parse_prompt
 
 SIZE, FRAMES = 32, 9
 LEFT_EYE, RIGHT_EYE, NOSE, MOUTH_LEFT, MOUTH_RIGHT = (synth.LANDMARK_NAMES.index(k) for k in

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-import checkpoint
+from infra import checkpoint
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -278,7 +278,7 @@ def test_fsdp_two_processes_match_one_process(vae_ckpt, tmp_path):
         torch.testing.assert_close(moments[name], opt.state[p]["exp_avg_sq"], rtol=1e-3, atol=1e-12, msg=name)
     assert (out / "sample_000002.gif").is_file()
 
-    import checkpoint
+    from infra import checkpoint
     pipe, _ = checkpoint.load(out)  # the checkpoint in a plain process
     for k, v in checkpoint.state_dict(pipe.modules()).items():
         assert torch.equal(v, w[k]), k
@@ -303,9 +303,9 @@ def test_identity_loss_trains_with_the_bundled_face_model(vae_ckpt, tmp_path, gr
 
 def test_face_terms_gradient_reaches_the_velocity(vae_ckpt):
     """The identity loss is differentiable through decode, alignment and the frozen embedder."""
-    import checkpoint
+    from infra import checkpoint
     import data
-    from faces import load_embedder
+    from world.face_nets import load_embedder
 
     cfg = train.parse_args(COMMON + ["--face-model", str(ROOT / "assets" / "face_model")])
     pipe, _ = checkpoint.load(vae_ckpt)

@@ -3,7 +3,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 from safetensors.torch import load_file, save_file
 
-from vae import VAE_CONFIGS, ResBlock, VAEConfig, VideoVAE, compute_latent_stats, face_weight, latent_weight
+from pipeline import PRESETS
+from vae import ResBlock, VAEConfig, VideoVAE, compute_latent_stats, face_weight, latent_weight
 
 S = 16  # test frames are 16x16 -> 4x4 latents
 
@@ -221,7 +222,7 @@ def test_state_dict_round_trip_keeps_latent_stats(tmp_path):
 
 
 def test_presets():
-    tiny, small = VAE_CONFIGS["tiny"], VAE_CONFIGS["small"]
+    tiny, small = PRESETS["tiny"].vae, PRESETS["small"].vae
     assert (tiny.latent_channels, tiny.spatial, tiny.tau, tiny.width) == (8, 4, 4, 16)
     assert (small.latent_channels, small.spatial, small.tau, small.width) == (16, 4, 4, 32)
     vae = VideoVAE(tiny)

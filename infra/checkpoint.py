@@ -1,4 +1,4 @@
-"""The pipeline (VAE + text encoder + DiT) and its checkpoints.
+"""Checkpoints of the pipeline: atomic folders, run folders, loading.
 
 A checkpoint is a folder: `model.safetensors` (weights, keys prefixed `vae.`, `text.`, `dit.`;
 EMA weights when training kept them), `config.json` (every config, so the folder rebuilds the
@@ -10,88 +10,14 @@ a half-written checkpoint; a run folder's `latest` file names its newest checkpo
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from model import DiT, DiTConfig, config_from
-from text import TextConfig, TextEncoder
-from vae import VAE_CONFIGS, VAEConfig, VideoVAE
-
-# Pixel size and frame count each preset is built for (the DiT preset of the same name).
-PRESETS = {
-    "tiny": {"size": 32, "frames": 9, "vae": "tiny", "text": TextConfig(dim=64, depth=1, heads=2)},
-    "demo": {"size": 32, "frames": 9, "vae": "demo", "text": TextConfig(dim=128, depth=2, heads=4)},
-    "small": {"size": 64, "frames": 17, "vae": "small", "text": TextConfig(dim=128, depth=2, heads=4)},
-}
-
-
-@dataclass
-class Pipeline:
-    vae: VideoVAE  # or ltx2.LTX2VAE: the same interface
-    text: TextEncoder | None  # None: the DiT takes precomputed prompt embeddings (LTX-2.3)
-    dit: DiT
-    size: int
-    frames: int
-    fps: float = 8.0
-
-    def modules(self) -> dict[str, nn.Module]:
-        return {name: m for name, m in (("vae", self.vae), ("text", self.text), ("dit", self.dit)) if m is not None}
-
-    def config(self) -> dict:
-        return {"vae": asdict(self.vae.config), "text": None if self.text is None else asdict(self.text.config),
-                "dit": asdict(self.dit.cfg), "size": self.size, "frames": self.frames, "fps": self.fps}
-
-    def check(self) -> "Pipeline":
-        """Raise ValueError unless frames and size fit the VAE (1 + tau k frames, size divisible by s)."""
-        self.vae.latent_frames(self.frames)
-        if self.size % self.vae.config.spatial:
-            raise ValueError(f"frame size {self.size} must be divisible by the VAE's spatial factor {self.vae.config.spatial}")
-        return self
-
-    def to(self, device) -> "Pipeline":
-        for m in self.modules().values():
-            m.to(device)
-        return self
-
-
-def _dataclass(cls, d: dict):
-    known = {f.name for f in fields(cls)}
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known})
-
-
-def build_pipeline(preset: str, latent_channels: int = 0, **dit_overrides) -> Pipeline:
-    """A fresh pipeline of the preset; latent_channels > 0 widens (or narrows) the VAE's latent and with it
-    the DiT's input."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown config {preset!r}; choose one of {sorted(PRESETS)}")
-    p = PRESETS[preset]
-    vae_cfg = VAE_CONFIGS[p["vae"]]
-    if latent_channels:
-        vae_cfg = replace(vae_cfg, latent_channels=latent_channels)
-    text = TextEncoder(p["text"])
-    dit = DiT(config_from(preset, text_dim=text.config.dim, in_channels=vae_cfg.latent_channels, **dit_overrides))
-    return Pipeline(VideoVAE(vae_cfg), text, dit, p["size"], p["frames"])
-
-
-def vae_from_config(cfg: dict) -> nn.Module:
-    """VideoVAE, or the LTX-2 VAE wrapper when the config says kind "ltx2"."""
-    if cfg.get("kind") == "ltx2":
-        from ltx2 import LTX2VAE
-        return LTX2VAE.from_config(cfg)
-    return VideoVAE(_dataclass(VAEConfig, cfg))
-
-
-def pipeline_from_config(cfg: dict) -> Pipeline:
-    """The pipeline a checkpoint's config describes, its DiT on the meta device (load_state(..., assign=True))."""
-    text = None if cfg["text"] is None else TextEncoder(_dataclass(TextConfig, cfg["text"]))
-    with torch.device("meta"):
-        dit = DiT(_dataclass(DiTConfig, cfg["dit"]))
-    return Pipeline(vae_from_config(cfg["vae"]), text, dit, cfg["size"], cfg["frames"], cfg.get("fps", 8.0))
+from pipeline import Pipeline, pipeline_from_config
 
 
 def state_dict(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:

@@ -1,7 +1,7 @@
 """Throughput benchmark: DiT training step and sampling latency, per attention backend.
 
-    python benchmark.py --config small                       # CPU
-    python benchmark.py --config small --device cuda --attn torch triton
+    python -m bench.throughput --config small                       # CPU
+    python -m bench.throughput --config small --device cuda --attn torch triton
 
 Prints a markdown table: training tokens/s (video + reference tokens, forward + backward +
 AdamW), peak memory, one three-stream sampling step, and a whole sample (30 steps + decode).
@@ -12,9 +12,9 @@ import time
 
 import torch
 
-import checkpoint
 from guidance import three_stream_velocity
-from train import peak_memory_gb
+from infra.distributed import peak_memory_gb
+from pipeline import build_pipeline
 
 
 def sync(device):
@@ -37,7 +37,7 @@ def timed(fn, device, repeat: int) -> float:
 
 def bench(preset: str, attn: str, batch: int, repeat: int, device: torch.device, dtype: torch.dtype) -> dict:
     torch.manual_seed(0)
-    pipe = checkpoint.build_pipeline(preset, attn_backend=attn).to(device)
+    pipe = build_pipeline(preset, attn_backend=attn).to(device)
     dit = pipe.dit
     C, T = dit.cfg.in_channels, pipe.vae.latent_frames(pipe.frames)
     h = pipe.size // pipe.vae.config.spatial
@@ -81,7 +81,7 @@ def bench(preset: str, attn: str, batch: int, repeat: int, device: torch.device,
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="small", help="model preset (checkpoint.PRESETS)")
+    p.add_argument("--config", default="small", help="model preset (pipeline.PRESETS)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--attn", nargs="+", default=["torch"], help="attention backends to compare (torch, triton)")
     p.add_argument("--batch", type=int, default=4, help="training batch (sampling uses 1 clip = 3 streams)")

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
-from kernels import rope_attention
-from kernels.rope_attention import rope_attention_reference
+from fused import rope_attention
+from fused.rope_attention import rope_attention_reference
 from rope import apply_rope, reference_positions, rope_frequencies, video_positions
 
 GRIDS = {2560: (9, 16, 16), 6528: (16, 16, 24), 26112: (16, 32, 48)}  # N -> (T, H, W)

@@ -1,5 +1,8 @@
 """A synthetic identity-video world: procedural cartoon people who act out a text prompt.
 
+(This module is long because it is one renderer: identity parameters, motion, seven scene painters
+and the face's parts share one coordinate frame and are read together.)
+
 Why: identity-preserving text-to-video needs (reference face, prompt, video) triples where the
 identity is known exactly, the motion and the scene come only from the text, and held-out
 identities exist. This module renders such triples from a seed, on CPU or GPU, in pure torch.
@@ -43,7 +46,7 @@ API: `SynthWorld(n_train_ids, n_test_ids).sample(...)` (training/eval batches), 
 `identity_params`, `render_backgrounds`, `render`, `landmarks_and_boxes`, the prompt helpers
 `make_prompt`/`parse_prompt`, and `contact_sheet`.
 
-CLI: `python synth.py --sheet assets/world_sheet.png` writes a contact sheet (see --help).
+CLI: `python -m world.synth --sheet assets/world_sheet.png` writes a contact sheet (see --help).
 """
 import argparse
 import math

@@ -1,0 +1,1 @@
+"""Scaffolding of training and the command lines: dataclass flags, checkpoints, distribution, model surgery."""
