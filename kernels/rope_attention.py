@@ -462,7 +462,8 @@ def _empty_out(q: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _empty_grads(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    """dq, dk, dv, contiguous (so dK and dV share the strides the dK/dV kernel takes once)."""
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _rotate_fake(x, pos, freqs, inverse):
@@ -529,7 +530,6 @@ def _attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: 
         o, do, delta, *o.stride(), *do.stride(), H, N, HEAD_DIM=D, BLOCK_M=delta_block,
     )
     dq, dk, dv = _empty_grads(q, k, v)
-    assert dk.stride() == dv.stride()  # the dK/dV kernel takes one set of strides for both
     rope_args = (*_pos_strides(pos), _freq_stride(freqs), H, N, triton.next_power_of_2(N))
     common = dict(HEAD_DIM=D, FUSED_ROPE=fused_rope, PRECISION=precision)
     wrap_triton(_bwd_dkdv_kernel)[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * H)](
