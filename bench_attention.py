@@ -83,8 +83,6 @@ def measure(n: int, modes, dtype, B: int, H: int, D: int) -> dict[str, tuple[flo
             fwd = do_bench(lambda: fn(q, k, v))
         fwd_bwd = do_bench(lambda: fn(q, k, v).backward(d_out), grad_to_none=[q, k, v])
         times[mode] = fwd, fwd_bwd
-    del q, k, v, d_out
-    torch.cuda.empty_cache()
     return times
 
 
@@ -106,6 +104,7 @@ def bench(args) -> None:
     for n in args.n:
         flops = 4 * B * H * n * n * D
         times = measure(n, args.modes, dtype, B, H, D)
+        torch.cuda.empty_cache()  # measure's tensors are freed on return
         for mode, (fwd, fwd_bwd) in times.items():
             print(f"| {n} | {positions(n)[1]} | {mode} | {fwd:.3f} | {flops / fwd * 1e-9:.1f} | "
                   f"{fwd_bwd:.3f} | {3.5 * flops / fwd_bwd * 1e-9:.1f} | {target_note(n, mode, fwd, fwd_bwd)} |",
