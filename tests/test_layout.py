@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-ENTRY_SCRIPTS = {"train", "sample", "evaluate", "bench.throughput", "fused.bench", "ltx2.__main__"}
+ENTRY_SCRIPTS = {"train", "sample", "evaluate", "bench.throughput", "fused.bench", "fused.gpu_check", "ltx2.__main__"}
 OPTIONAL = ("onnx", "onnxruntime", "insightface", "av", "diffusers", "transformers", "cv2")
 
 
