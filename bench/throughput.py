@@ -9,10 +9,12 @@ Random weights and inputs of the preset's shapes: speed does not depend on train
 """
 import argparse
 import time
+from dataclasses import dataclass
 
 import torch
 
 from guidance import three_stream_velocity
+from infra.cli import add_flags, config_from, flag
 from infra.distributed import peak_memory_gb
 from pipeline import build_pipeline
 
@@ -79,16 +81,22 @@ def bench(preset: str, attn: str, batch: int, repeat: int, device: torch.device,
             "sample_step_ms": 1e3 * t_step, "sample_30_s": 30 * t_step + t_decode}
 
 
-def main():
+@dataclass
+class ThroughputConfig:
+    config: str = flag("small", "model preset (pipeline.PRESETS)")
+    device: str = flag("cpu", "cpu or cuda")
+    attn: list = flag(["torch"], "attention backends to compare (torch, triton)")
+    batch: int = flag(4, "training batch (sampling uses 1 clip = 3 streams)")
+    repeat: int = flag(5, "timed repetitions (median reported)")
+    dtype: str = flag("auto", "autocast dtype: auto (bf16 on GPU), fp32 or bf16")
+    threads: int = flag(0, "CPU threads (0: torch default)")
+
+
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="small", help="model preset (pipeline.PRESETS)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    p.add_argument("--attn", nargs="+", default=["torch"], help="attention backends to compare (torch, triton)")
-    p.add_argument("--batch", type=int, default=4, help="training batch (sampling uses 1 clip = 3 streams)")
-    p.add_argument("--repeat", type=int, default=5, help="timed repetitions (median reported)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="autocast dtype (auto: bf16 on GPU)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
-    args = p.parse_args()
+    args = config_from(ThroughputConfig, add_flags(p, ThroughputConfig).parse_args(argv))
+    if args.dtype not in ("auto", "fp32", "bf16"):
+        p.error("--dtype must be auto, fp32 or bf16")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -21,6 +21,7 @@ TARGETS: the first GPU run's goals for `triton` (H100, bf16, B 1, H 32, D 128; d
 """
 import argparse
 import sys
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
 from fused import rope_attention
-from fused.rope_attention import rope_attention_reference
+from fused.rope_attention import HEAD_DIMS, rope_attention_reference
+from infra.cli import add_flags, config_from, flag
 from rope import apply_rope, reference_positions, rope_frequencies, video_positions
 
 GRIDS = {2560: (9, 16, 16), 6528: (16, 16, 24), 26112: (16, 32, 48)}  # N -> (T, H, W)
@@ -148,17 +150,22 @@ def check() -> bool:
     return ok
 
 
-def main() -> int:
+@dataclass
+class BenchConfig:
+    n: list = flag(list(GRIDS), "sequence lengths N (video + reference tokens)")
+    batch: int = flag(1, "batch B")
+    heads: int = flag(32, "attention heads H")
+    dim: int = flag(128, "head dim D: 32, 64 or 128")
+    dtype: str = flag("bf16", f"one of {sorted(DTYPES)}")
+    modes: list = flag(list(MODES), f"implementations to time, of {list(MODES)}")
+    check: bool = flag(False, "only run a tiny correctness check (works on CPU with TRITON_INTERPRET=1)")
+
+
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, nargs="+", default=list(GRIDS), help="sequence lengths N")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--heads", type=int, default=32)
-    parser.add_argument("--dim", type=int, default=128, choices=(32, 64, 128), help="head dim D")
-    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
-    parser.add_argument("--check", action="store_true",
-                        help="only run a tiny correctness check (works on CPU with TRITON_INTERPRET=1)")
-    args = parser.parse_args()
+    args = config_from(BenchConfig, add_flags(parser, BenchConfig).parse_args(argv))
+    if args.dim not in HEAD_DIMS or args.dtype not in DTYPES or not set(args.modes) <= set(MODES):
+        parser.error(f"--dim must be one of {HEAD_DIMS}, --dtype one of {sorted(DTYPES)}, --modes of {list(MODES)}")
     if args.check:
         return 0 if check() else 1
     if not torch.cuda.is_available():

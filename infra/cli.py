@@ -19,8 +19,10 @@ def add_flags(parser: argparse.ArgumentParser, cls) -> argparse.ArgumentParser:
         if isinstance(default, bool):  # off by default: a switch; on by default: --x / --no-x
             action = argparse.BooleanOptionalAction if default else "store_true"
             parser.add_argument(name, action=action, default=default, help=f.metadata["help"])
-        elif isinstance(default, list):  # one or more values
-            parser.add_argument(name, nargs="+", default=default, help=f.metadata["help"])
+        elif isinstance(default, list):  # one or more values, of the default's element type
+            kind = type(default[0]) if default else str
+            parser.add_argument(name, nargs="+", type=kind, default=default,
+                                help=f.metadata["help"] + f" (default: {' '.join(map(str, default)) or 'none'})")
         else:
             parser.add_argument(name, type=type(default), default=default, help=f.metadata["help"] + f" (default: {default})")
     return parser

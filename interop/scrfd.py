@@ -8,6 +8,7 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import onnxruntime
 import torch
 
 from data import read_frames
+from infra.cli import add_flags, config_from, flag
 from interop.arcface_onnx import DETECTOR_FILES, _find_model
 
 
@@ -95,19 +97,25 @@ def precompute_landmarks(manifest, out_manifest, detector) -> int:
 
 # ----------------------------------------------------------------------------- command line
 
+@dataclass
+class LandmarksConfig:
+    manifest: str = flag("", "JSONL manifest ({\"video\", \"caption\"} a line); required")
+    out: str = flag("", "manifest to write (empty: MANIFEST with .faces.jsonl)")
+    face_models: str = flag("", "folder of the buffalo_l pack (det_10g.onnx); empty: $STDRC_FACE_MODELS or "
+                                "~/.insightface/models/buffalo_l")
+    threshold: float = flag(0.5, "detection score threshold")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Detect the 5 landmarks in every frame of a manifest's videos (InsightFace "
-                                             "SCRFD) and write a manifest whose lines name them (\"faces\").",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--manifest", required=True, help="JSONL manifest ({\"video\", \"caption\"} a line)")
-    ap.add_argument("--out", default=None, help="manifest to write (default: MANIFEST with .faces.jsonl)")
-    ap.add_argument("--face-models", default=None, help="folder of the buffalo_l pack (det_10g.onnx)")
-    ap.add_argument("--threshold", type=float, default=0.5, help="detection score threshold")
-    args = ap.parse_args(argv)
+                                             "SCRFD) and write a manifest whose lines name them (\"faces\").")
+    args = config_from(LandmarksConfig, add_flags(ap, LandmarksConfig).parse_args(argv))
+    if not args.manifest:
+        ap.error("--manifest is required")
     manifest = Path(args.manifest)
     out = Path(args.out) if args.out else manifest.with_suffix(".faces.jsonl")
     try:
-        n = precompute_landmarks(manifest, out, FaceDetector(args.face_models, threshold=args.threshold))
+        n = precompute_landmarks(manifest, out, FaceDetector(args.face_models or None, threshold=args.threshold))
     except (FileNotFoundError, ValueError) as e:
         print(f"interop.scrfd: {e}", file=sys.stderr)
         return 2
