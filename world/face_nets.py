@@ -389,11 +389,16 @@ def train_synth(cfg: SynthTrainConfig) -> dict:
     return metrics
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="Train the synthetic world's face detector and embedder.")
-    metrics = train_synth(config_from(SynthTrainConfig, add_flags(ap, SynthTrainConfig).parse_args(argv)))
-    print(json.dumps({k: v for k, v in metrics.items() if k != "config"}, indent=2))
+def train_command(cls, train, description: str, argv=None) -> int:
+    """A command line that trains one of the world's models: flags from the dataclass `cls`, then
+    `train(config)`, then its metrics printed as JSON."""
+    cfg = config_from(cls, add_flags(argparse.ArgumentParser(description=description), cls).parse_args(argv))
+    print(json.dumps({k: v for k, v in train(cfg).items() if k != "config"}, indent=2))
     return 0
+
+
+def main(argv=None) -> int:
+    return train_command(SynthTrainConfig, train_synth, "Train the synthetic world's face detector and embedder.", argv)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,6 @@ assets/world_model. evaluate.py scores videos with them.
 
     OMP_NUM_THREADS=1 python -m world.judges --out assets/world_model
 """
-import argparse
-import json
 import math
 import sys
 import time
@@ -17,9 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from faces import align_faces
-from infra.cli import add_flags, config_from, flag
+from infra.cli import flag
 from world.face_nets import (SYNTH_FACE_MODEL, SynthFaceDetector, SynthNetConfig, colour_jitter, conv_stack, degrade,
-                             fit, load_embedder, load_model, load_synth_detector, save_models)
+                             fit, load_embedder, load_model, load_synth_detector, save_models, train_command)
 from world.synth import ACTIONS, SCENES, SynthWorld
 
 WORLD_MODEL = Path(__file__).resolve().parents[1] / "assets" / "world_model"
@@ -175,10 +173,8 @@ def train_world_models(cfg: WorldTrainConfig) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="Train the world's scene and action classifiers (detector: --face-model).")
-    metrics = train_world_models(config_from(WorldTrainConfig, add_flags(ap, WorldTrainConfig).parse_args(argv)))
-    print(json.dumps({k: v for k, v in metrics.items() if k != "config"}, indent=2))
-    return 0
+    return train_command(WorldTrainConfig, train_world_models,
+                         "Train the world's scene and action classifiers (detector: --face-model).", argv)
 
 
 if __name__ == "__main__":
