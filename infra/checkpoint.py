@@ -3,20 +3,26 @@
 A checkpoint is a folder: `model.safetensors` (weights, keys prefixed `vae.`, `text.`, `dit.`;
 EMA weights when training kept them), `config.json` (every config, so the folder rebuilds the
 pipeline by itself; an LTX-2.3 pipeline has `"text": null` and a `"kind": "ltx2"` VAE holding
-diffusers' AutoencoderKLLTX2Video config) and, for training, `state.pt` (raw weights, optimizer, step, RNG).
-Folders are written under a temporary name and renamed into place, so a crash never leaves
-a half-written checkpoint; a run folder's `latest` file names its newest checkpoint.
+diffusers' AutoencoderKLLTX2Video config) and, for training, `state.pt` (raw weights, optimizer, step), which
+holds only tensors, numbers, strings and containers of them: it is read with torch.load(weights_only=True),
+so loading a checkpoint runs no code. Folders are written under a temporary name and renamed into place, so
+a crash never leaves a half-written checkpoint (clean_partial removes what an interrupted save left); a run
+folder's `latest` file names its newest checkpoint.
 """
+import contextlib
 import json
 import os
+import pickle
+import re
 import shutil
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from infra.errors import one_line
 from pipeline import Pipeline, pipeline_from_config
 
 
@@ -59,6 +65,38 @@ def save(folder: str | os.PathLike, pipe: Pipeline, weights: dict[str, torch.Ten
     return folder
 
 
+@contextlib.contextmanager
+def open_weights(path: str | os.PathLike):
+    """safe_open of a .safetensors file (its header read and checked against the file's size), with a ValueError
+    that names a damaged file."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            yield f
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({e}): the checkpoint is damaged or "
+                         f"incomplete; copy it again or pass another") from None
+
+
+def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a .safetensors file, or a ValueError that names a damaged file."""
+    with open_weights(path) as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def read_state(path: str | os.PathLike, **load_args) -> dict:
+    """A checkpoint's state.pt, read without running code (weights_only=True), or a ValueError that says why not."""
+    try:
+        return torch.load(path, weights_only=True, **load_args)
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:
+        code = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if code:  # weights_only refuses anything but tensors and plain data
+            raise ValueError(f"{path} holds a pickled object ({code[1]}) that loading would run as code: refused; "
+                             f"only state.pt files of tensors and plain data load") from None
+        why = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))
+        raise ValueError(f"{path} is damaged or not a state.pt of train.py "
+                         f"({why[1] if why else one_line(e)[:100]})") from None
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write a text file under a temporary name, then rename it into place."""
     path = Path(path)
@@ -69,6 +107,68 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 def write_latest(run: str | os.PathLike, name: str) -> None:
     write_text_atomic(Path(run) / "latest", name + "\n")
+
+
+PARTIAL = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old)\d+")  # save()'s and write_text_atomic's temporary names
+
+
+def clean_partial(run: str | os.PathLike) -> list[str]:
+    """Clear what an interrupted save left in a run folder, -> what it did, one entry each: a `.NAME.tmpPID` (a
+    checkpoint or file being written) is removed; a `.NAME.oldPID` whose NAME is gone is the previous version of
+    a checkpoint that a kill caught mid-swap in save(): it is put back, otherwise removed."""
+    run, done = Path(run), []
+    for p in sorted(run.iterdir()) if run.is_dir() else []:
+        m = PARTIAL.fullmatch(p.name)
+        if m is None:
+            continue
+        if m["kind"] == "old" and not (run / m["name"]).exists():
+            p.rename(run / m["name"])
+            done.append(f"restored {m['name']} from {p.name}")
+        else:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            done.append(f"removed {p.name}")
+    return done
+
+
+def checkpoints(run: str | os.PathLike) -> list[Path]:
+    """A run folder's checkpoints, the one `latest` names first, then the others newest first."""
+    run = Path(run)
+    found = sorted((p for p in run.glob("step_*") if p.is_dir()), reverse=True) if run.is_dir() else []
+    latest = run / "latest"
+    first = [run / latest.read_text().strip()] if latest.is_file() else []
+    return first + [p for p in found if p not in first]
+
+
+def load_for_resume(run: str | os.PathLike, **load_args) -> tuple[Path, dict, list[str]]:
+    """The newest checkpoint of a run folder that loads (checkpoints() order) and its state.pt, read with
+    torch.load(**load_args) -> (folder, state, one line for each checkpoint skipped and why)."""
+    skipped = []
+    for folder in checkpoints(run):
+        try:
+            json.loads(resolve(folder).joinpath("config.json").read_text())
+            with open_weights(folder / "model.safetensors"):  # the header, checked against the file's size
+                pass
+            if not (folder / "state.pt").is_file():
+                raise FileNotFoundError(f"{folder / 'state.pt'} is missing")
+            return folder, read_state(folder / "state.pt", **load_args), skipped
+        except (ValueError, FileNotFoundError) as e:
+            skipped.append(f"skipped {folder.name}, which does not load: {one_line(e)}")
+    raise FileNotFoundError(f"no checkpoint in {run} to --resume" + (f" ({len(skipped)} do not load: {skipped[0]})" if
+                            skipped else "") + ": start a fresh run without --resume, or pass the right --out")
+
+
+RUN_FILES = ("latest", "metrics.jsonl", "train_config.json", "step_*", "sample_*.gif")  # what train.py writes in --out
+
+
+def run_files(run: str | os.PathLike) -> list[Path]:
+    run = Path(run)
+    return sorted(p for pattern in RUN_FILES for p in run.glob(pattern)) if run.is_dir() else []
+
+
+def clear_run(run: str | os.PathLike) -> None:
+    """Delete what train.py wrote in a run folder (train.py --overwrite)."""
+    for p in run_files(run):
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
 def resolve(path: str | os.PathLike) -> Path:
@@ -89,8 +189,7 @@ def load(path: str | os.PathLike, device="cpu") -> tuple[Pipeline, dict]:
     path = resolve(path)
     cfg = json.loads((path / "config.json").read_text())
     pipe = pipeline_from_config(cfg)
-    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
-        weights = {k: f.get_tensor(k).float() for k in f.keys()}
+    weights = {k: v.float() for k, v in read_weights(path / "model.safetensors").items()}
     load_state(pipe.modules(), weights, assign=True)
     pipe.dit.reset_rope_table()
     return pipe.to(device), cfg
