@@ -391,12 +391,14 @@ def train(cfg: TrainConfig) -> Path:
     if world > 1:
         dist.barrier()
     if cfg.resume:  # FSDP: memory-mapped, read where used
-        src, state, skipped = checkpoint.load_for_resume(out, map_location="cpu" if cfg.fsdp else device, mmap=cfg.fsdp)
-        for line in skipped if rank == 0 else []:
-            print(f"train.py: {line}", file=sys.stderr)
+        src, state, skipped, why = checkpoint.load_for_resume(out, map_location="cpu" if cfg.fsdp else device, mmap=cfg.fsdp)
         if state["step"] >= cfg.steps:
             raise UsageError(f"--resume: {src} is at step {state['step']}, so --steps {cfg.steps} leaves nothing to "
                              f"train: pass a larger --steps")
+        for folder, line in zip(skipped, why) if rank == 0 else []:
+            print(f"train.py: {line}; renamed {checkpoint.set_aside(folder).name}", file=sys.stderr)
+        if skipped and rank == 0:
+            checkpoint.write_latest(out, src.name)
         cfg.init = str(src)
     elif checkpoint.run_files(out) and not cfg.overwrite:
         raise UsageError(f"{out} holds an earlier run ({', '.join(p.name for p in checkpoint.run_files(out)[:3])}): "
@@ -493,7 +495,7 @@ def save(cfg, out, pipe, raw, optim, ema, step, next_batch):
     name = f"step_{step:06d}"
     checkpoint.save(out / name, pipe, weights, state, extra={"preset": cfg.config, "stage": cfg.stage, "step": step})
     checkpoint.write_latest(out, name)
-    for old in sorted(p for p in out.glob("step_*") if p.is_dir())[: -cfg.keep]:
+    for old in checkpoint.step_folders(out)[: -cfg.keep]:
         shutil.rmtree(old, ignore_errors=True)
     tqdm.write(f"train.py: saved {out / name} (step {step})")
 

@@ -12,7 +12,6 @@ folder's `latest` file names its newest checkpoint.
 import contextlib
 import json
 import os
-import pickle
 import re
 import shutil
 from pathlib import Path
@@ -87,7 +86,7 @@ def read_state(path: str | os.PathLike, **load_args) -> dict:
     """A checkpoint's state.pt, read without running code (weights_only=True), or a ValueError that says why not."""
     try:
         return torch.load(path, weights_only=True, **load_args)
-    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:
+    except Exception as e:  # a damaged file fails in many ways (zip reader, unpickler, struct, decoding)
         code = re.search(r"GLOBAL ([\w.]+)", str(e))
         if code:  # weights_only refuses anything but tensors and plain data
             raise ValueError(f"{path} holds a pickled object ({code[1]}) that loading would run as code: refused; "
@@ -130,19 +129,23 @@ def clean_partial(run: str | os.PathLike) -> list[str]:
     return done
 
 
+def step_folders(run: str | os.PathLike) -> list[Path]:
+    """A run folder's checkpoints `step_NNNNNN`, oldest first."""
+    run = Path(run)
+    return sorted(p for p in run.glob("step_*") if p.is_dir() and re.fullmatch(r"step_\d+", p.name)) if run.is_dir() else []
+
+
 def checkpoints(run: str | os.PathLike) -> list[Path]:
     """A run folder's checkpoints, the one `latest` names first, then the others newest first."""
-    run = Path(run)
-    found = sorted((p for p in run.glob("step_*") if p.is_dir()), reverse=True) if run.is_dir() else []
-    latest = run / "latest"
-    first = [run / latest.read_text().strip()] if latest.is_file() else []
-    return first + [p for p in found if p not in first]
+    found, latest = step_folders(run)[::-1], Path(run) / "latest"
+    name = latest.read_text().strip() if latest.is_file() else None
+    return sorted(found, key=lambda p: p.name != name)  # stable: the others stay newest first
 
 
 def load_for_resume(run: str | os.PathLike, **load_args) -> tuple[Path, dict, list[str]]:
     """The newest checkpoint of a run folder that loads (checkpoints() order) and its state.pt, read with
-    torch.load(**load_args) -> (folder, state, one line for each checkpoint skipped and why)."""
-    skipped = []
+    torch.load(**load_args) -> (folder, state, the checkpoints skipped, a line for each that says why)."""
+    skipped, why = [], []
     for folder in checkpoints(run):
         try:
             json.loads(resolve(folder).joinpath("config.json").read_text())
@@ -150,11 +153,17 @@ def load_for_resume(run: str | os.PathLike, **load_args) -> tuple[Path, dict, li
                 pass
             if not (folder / "state.pt").is_file():
                 raise FileNotFoundError(f"{folder / 'state.pt'} is missing")
-            return folder, read_state(folder / "state.pt", **load_args), skipped
+            return folder, read_state(folder / "state.pt", **load_args), skipped, why
         except (ValueError, FileNotFoundError) as e:
-            skipped.append(f"skipped {folder.name}, which does not load: {one_line(e)}")
-    raise FileNotFoundError(f"no checkpoint in {run} to --resume" + (f" ({len(skipped)} do not load: {skipped[0]})" if
-                            skipped else "") + ": start a fresh run without --resume, or pass the right --out")
+            skipped.append(folder)
+            why.append(f"skipped {folder.name}, which does not load: {one_line(e)}")
+    raise FileNotFoundError(f"no checkpoint in {run} to --resume" + (f" ({len(why)} do not load: {why[0]})" if
+                            why else "") + ": start a fresh run without --resume, or pass the right --out")
+
+
+def set_aside(folder: Path) -> Path:
+    """Rename a checkpoint that does not load to `NAME.damaged`: kept for a look, out of the run's rotation."""
+    return folder.rename(folder.with_name(folder.name + ".damaged"))
 
 
 RUN_FILES = ("latest", "metrics.jsonl", "train_config.json", "step_*", "sample_*.gif")  # what train.py writes in --out
