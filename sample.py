@@ -50,7 +50,7 @@ class SampleConfig:
     s_text: float = flag(5.0, "text guidance scale s_y")
     s_ref: float = flag(7.5, "reference guidance scale s_r")
     steps: int = flag(30, "Euler steps", lo=1, hi=10_000)
-    seed: int = flag(0, "noise seed")
+    seed: int = flag(0, "noise seed", lo=0, hi=2**31 - 1)
     device: str = flag("cpu", "cpu or cuda")
     attn: str = flag("torch", "attention backend: torch, or triton (needs a GPU)", choices=("torch", "triton"))
 
