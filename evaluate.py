@@ -288,7 +288,7 @@ class EvalConfig:
 
 
 def evaluate(argv=None) -> None:
-    p = add_flags(parser(__doc__), EvalConfig)
+    p = add_flags(parser("evaluate.py", __doc__), EvalConfig)
     args = config_from(EvalConfig, p.parse_args(argv))
     if not args.benchmark and not args.recon and not args.videos:
         p.error("pass --benchmark --ckpt PATH, --recon --ckpt PATH or --videos ...")

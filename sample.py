@@ -56,7 +56,7 @@ class SampleConfig:
 
 
 def parse_args(argv=None) -> SampleConfig:
-    return config_from(SampleConfig, add_flags(parser(__doc__), SampleConfig).parse_args(argv))
+    return config_from(SampleConfig, add_flags(parser("sample.py", __doc__), SampleConfig).parse_args(argv))
 
 
 def check_outputs(args: SampleConfig) -> tuple[Path, Path]:

@@ -119,7 +119,7 @@ class TrainConfig:
 
 
 def parse_args(argv=None) -> TrainConfig:
-    return config_from(TrainConfig, add_flags(parser(__doc__), TrainConfig).parse_args(argv))
+    return config_from(TrainConfig, add_flags(parser("train.py", __doc__), TrainConfig).parse_args(argv))
 
 
 # ----------------------------------------------------------------------------- the trained module
@@ -243,9 +243,9 @@ def check_run(cfg: TrainConfig, device) -> None:
     check_attn(cfg.attn, device)
     if cfg.resume and cfg.overwrite:
         raise UsageError("--resume continues the run in --out, --overwrite deletes it: pass one of them")
-    if cfg.stage == "dit" and not cfg.init and not cfg.resume and cfg.config != "ltx2":
+    if cfg.stage == "dit" and not (cfg.init or cfg.vae or cfg.resume) and cfg.config != "ltx2":
         raise UsageError("--stage dit trains on a frozen VAE and a fresh one is random: pass --init <a run of "
-                         "--stage vae, or a base model>")
+                         "--stage vae, or a base model> or --vae <a run of --stage vae>")
 
 
 def batches(cfg: TrainConfig, pipe, rank: int, world: int, device):
@@ -400,8 +400,8 @@ def train(cfg: TrainConfig) -> Path:
         if skipped and rank == 0:
             checkpoint.write_latest(out, src.name)
         cfg.init = str(src)
-    elif checkpoint.run_files(out) and not cfg.overwrite:
-        raise UsageError(f"{out} holds an earlier run ({', '.join(p.name for p in checkpoint.run_files(out)[:3])}): "
+    elif checkpoint.earlier_run(out) and not cfg.overwrite:
+        raise UsageError(f"{out} holds an earlier run ({', '.join(p.name for p in checkpoint.earlier_run(out)[:3])}): "
                          f"pass --resume to continue it, --overwrite to start afresh there (deletes it), or another --out")
     pipe = build(cfg, device)
     trained = VAETrainer(pipe.vae) if cfg.stage == "vae" else Denoiser(pipe.text, pipe.dit)

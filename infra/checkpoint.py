@@ -174,6 +174,13 @@ def run_files(run: str | os.PathLike) -> list[Path]:
     return sorted(p for pattern in RUN_FILES for p in run.glob(pattern)) if run.is_dir() else []
 
 
+def earlier_run(run: str | os.PathLike) -> list[Path]:
+    """What in a run folder holds an earlier run's results (checkpoints, `latest`, metric rows, samples); empty for
+    a new folder or one whose run stopped before its first step."""
+    return [p for p in run_files(run) if p.name != "train_config.json" and not (p.name == "metrics.jsonl" and
+                                                                               p.stat().st_size == 0)]
+
+
 def clear_run(run: str | os.PathLike) -> None:
     """Delete what train.py wrote in a run folder (train.py --overwrite)."""
     for p in run_files(run):

@@ -12,8 +12,8 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message} (--help lists the flags)\n")
 
 
-def parser(doc: str) -> Parser:
-    return Parser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser(prog: str, doc: str) -> Parser:
+    return Parser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def flag(default, help: str, lo=None, hi=None, choices=None):
