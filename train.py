@@ -32,7 +32,7 @@ from faces import embed_faces
 from guidance import dropout_masks, shift_for_tokens, shift_time
 from infra import checkpoint
 from infra.cli import add_flags, config_from, flag, parser
-from infra.errors import UsageError, check_attn, run_main
+from infra.errors import UsageError, check_attn, read_safetensors, run_main
 from infra.distributed import full_state, peak_memory_gb, restore, setup_distributed, wrap
 from infra.surgery import deepened, preset_checkpoint, rewidened
 from losses import add_noise, clean_estimate, flow_loss, identity_loss, temporal_identity_loss, total_loss, w_aux
@@ -221,13 +221,13 @@ def build(cfg: TrainConfig, device) -> Pipeline:
                     overrides["rope_theta"] = saved["dit"]["rope_theta"]
                 pipe = build_pipeline(cfg.config, cfg.latent_channels, **overrides)
                 if src:
-                    weights = checkpoint.read_weights(src / "model.safetensors")
+                    weights = read_safetensors(src / "model.safetensors")
                     if cfg.vae:  # --vae's VAE replaces --init's, which may be of another latent width
                         weights = rewidened({k: v for k, v in weights.items() if not k.startswith("vae.")}, pipe.dit)
                     checkpoint.load_state(pipe.modules(), deepened(weights, pipe.dit), strict=False)
                 if cfg.vae:  # another checkpoint's VAE (e.g. one trained further) in place of --init's
                     vae_src, _ = preset_checkpoint(cfg.vae, cfg.config, "--vae")
-                    checkpoint.load_state({"vae": pipe.vae}, checkpoint.read_weights(vae_src / "model.safetensors"))
+                    checkpoint.load_state({"vae": pipe.vae}, read_safetensors(vae_src / "model.safetensors"))
             pipe.size, pipe.frames, pipe.fps = cfg.size or pipe.size, cfg.frames or pipe.frames, cfg.fps
         pipe.check()
     except (FileNotFoundError, ValueError) as e:

@@ -9,7 +9,6 @@ so loading a checkpoint runs no code. Folders are written under a temporary name
 a crash never leaves a half-written checkpoint (clean_partial removes what an interrupted save left); a run
 folder's `latest` file names its newest checkpoint.
 """
-import contextlib
 import json
 import os
 import re
@@ -18,10 +17,9 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from infra.errors import one_line
+from infra.errors import one_line, open_safetensors, read_safetensors
 from pipeline import Pipeline, pipeline_from_config
 
 
@@ -62,24 +60,6 @@ def save(folder: str | os.PathLike, pipe: Pipeline, weights: dict[str, torch.Ten
     tmp.rename(folder)
     shutil.rmtree(old, ignore_errors=True)
     return folder
-
-
-@contextlib.contextmanager
-def open_weights(path: str | os.PathLike):
-    """safe_open of a .safetensors file (its header read and checked against the file's size), with a ValueError
-    that names a damaged file."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            yield f
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{path} is not a readable safetensors file ({e}): the checkpoint is damaged or "
-                         f"incomplete; copy it again or pass another") from None
-
-
-def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The tensors of a .safetensors file, or a ValueError that names a damaged file."""
-    with open_weights(path) as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
 
 
 def read_state(path: str | os.PathLike, **load_args) -> dict:
@@ -149,7 +129,7 @@ def load_for_resume(run: str | os.PathLike, **load_args) -> tuple[Path, dict, li
     for folder in checkpoints(run):
         try:
             json.loads(resolve(folder).joinpath("config.json").read_text())
-            with open_weights(folder / "model.safetensors"):  # the header, checked against the file's size
+            with open_safetensors(folder / "model.safetensors"):  # the header, checked against the file's size
                 pass
             if not (folder / "state.pt").is_file():
                 raise FileNotFoundError(f"{folder / 'state.pt'} is missing")
@@ -205,7 +185,7 @@ def load(path: str | os.PathLike, device="cpu") -> tuple[Pipeline, dict]:
     path = resolve(path)
     cfg = json.loads((path / "config.json").read_text())
     pipe = pipeline_from_config(cfg)
-    weights = {k: v.float() for k, v in read_weights(path / "model.safetensors").items()}
+    weights = {k: v.float() for k, v in read_safetensors(path / "model.safetensors").items()}
     load_state(pipe.modules(), weights, assign=True)
     pipe.dit.reset_rope_table()
     return pipe.to(device), cfg

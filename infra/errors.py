@@ -5,13 +5,16 @@ line on stderr that says what is wrong and what to do, and exit status 2. The li
 (UsageError is one) or FileNotFoundError for those, with such a message; any other exception is a bug
 and keeps its traceback.
 """
+import contextlib
 import importlib.util
 import math
+import os
 import sys
 from dataclasses import fields
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 EXIT_USAGE = 2
 
@@ -92,3 +95,32 @@ def check_suffix(path: str, suffixes, flag: str) -> None:
     """`path` ends in one of `suffixes` (lower-case, with the dot)."""
     if Path(path).suffix.lower() not in suffixes:
         raise UsageError(f"{flag} {path}: the file type must be one of {', '.join(sorted(suffixes))}")
+
+
+def check_writable(path: str, flag: str) -> None:
+    """The folder of an output file exists (made now if need be) and can be written to."""
+    folder = Path(path).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: cannot make its folder ({e.strerror}); pass another path") from None
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"{flag} {path}: its folder is not writable; pass another path")
+
+
+@contextlib.contextmanager
+def open_safetensors(path: str | os.PathLike):
+    """safe_open of a .safetensors file (its header read and checked against the file's size), with a ValueError
+    that names a damaged file."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            yield f
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({e}): it is damaged or incomplete; copy it "
+                         f"again or pass another") from None
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a .safetensors file, or a ValueError that names a damaged file."""
+    with open_safetensors(path) as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
