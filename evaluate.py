@@ -51,7 +51,7 @@ from data import AV_SUFFIXES, PIL_SUFFIXES, contact_sheet, load_image, read_fram
 from faces import embed_faces
 from infra import checkpoint
 from infra.cli import add_flags, config_from, flag, parser
-from infra.errors import check_device, check_suffix, run_main
+from infra.errors import check_device, check_suffix, check_writable, run_main
 from pipeline import generate
 from world.face_nets import SYNTH_FACE_MODEL, resize_frames
 from world.judges import WORLD_MODEL, WORLD_SIZE, Judges, accuracy, face_size, load_judges
@@ -251,6 +251,8 @@ def read_videos(paths: list[str], refs: list[str], prompts: list[str]):
     files = []
     for p in map(Path, paths):
         files += sorted(q for q in p.iterdir() if q.suffix.lower() in AV_SUFFIXES | PIL_SUFFIXES) if p.is_dir() else [p]
+    if not files:
+        raise ValueError(f"no video files in {' '.join(paths)} (types: {' '.join(sorted(AV_SUFFIXES | PIL_SUFFIXES))})")
     if len(refs) not in (1, len(files)) or len(prompts) not in (1, len(files)):
         raise ValueError(f"{len(files)} videos need one reference and one prompt each, or one for all")
     for k, path in enumerate(files):
@@ -295,8 +297,10 @@ def evaluate(argv=None) -> None:
     if (args.benchmark or args.recon) and not args.ckpt:
         p.error("--benchmark and --recon need --ckpt")
     check_device(args.device)
+    check_writable(args.out, "--out")
     if args.sheet:
         check_suffix(args.sheet, {".png", ".jpg", ".jpeg"}, "--sheet")
+        check_writable(args.sheet, "--sheet")
     if args.recon:
         pipe, _ = checkpoint.load(args.ckpt)
         print(json.dumps(reconstruction(pipe.vae.eval(), args.n, pipe.size, pipe.frames, args.seed,

@@ -21,7 +21,7 @@ from PIL import Image
 from data import AV_SUFFIXES, PIL_SUFFIXES, contact_sheet, load_image, save_video
 from infra import checkpoint
 from infra.cli import add_flags, config_from, flag, parser
-from infra.errors import UsageError, check_attn, check_device, check_suffix, run_main
+from infra.errors import UsageError, check_attn, check_device, check_suffix, check_writable, run_main
 from ltx2.convert import LTX2_FPS, build_pipeline, find_transformer
 from pipeline import Pipeline, encode_text, generate, load_text
 
@@ -67,19 +67,21 @@ def check_outputs(args: SampleConfig) -> tuple[Path, Path]:
         raise UsageError(f"--out {out}: writing {out.suffix} needs PyAV (pip install -e '.[video]'); or write .gif/.webp")
     sheet = Path(args.sheet) if args.sheet else out.with_name(out.stem + "_sheet.png")
     check_suffix(str(sheet), {".png", ".jpg", ".jpeg"}, "--sheet")
+    check_writable(args.out, "--out")
+    check_writable(str(sheet), "--sheet")
     return out, sheet
 
 
 def warn_if_not_a_world_reference(args: SampleConfig, pipe: Pipeline) -> None:
-    """This project's own presets are trained on the synthetic world, whose references are faces filling a frame
-    of the model's size; a photo of another size is most likely not one (one warning line)."""
-    if args.no_ref or pipe.text is None:  # LTX-2.3 (precomputed prompt embeddings) takes real photos
+    """This project's own presets are trained on the synthetic world, whose references are square renders of a
+    face; a reference that is not square is most likely a photo (one warning line; a cheap check, not a detector)."""
+    if pipe.text is None:  # LTX-2.3 (precomputed prompt embeddings) takes real photos
         return
     with Image.open(args.ref) as im:
         w, h = im.size
-    if (w, h) != (pipe.size, pipe.size):
-        print(f"sample.py: warning: the reference is {w}x{h}, not a {pipe.size}x{pipe.size} synthetic-world face: this "
-              f"model knows only the synthetic world's faces, so the video will not keep this identity", file=sys.stderr)
+    if w != h:
+        print(f"sample.py: warning: the reference is {w}x{h}, not a square synthetic-world face: this model knows "
+              f"only the synthetic world's faces, so the video will not keep this identity", file=sys.stderr)
 
 
 def load_pipeline(args: SampleConfig) -> Pipeline:
