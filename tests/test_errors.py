@@ -52,6 +52,8 @@ def world(tmp_path_factory):
     (root / "missing_clips.jsonl").write_text("".join(json.dumps({"video": f"gone_{k}.mp4", "caption": "a person nods"})
                                                       + "\n" for k in range(3)))
     Image.fromarray(np.full((150, 200, 3), 120, np.uint8)).save(root / "photo.jpg")
+    (root / "broken.mp4").write_bytes(os.urandom(3000))
+    (root / "no_videos").mkdir()
     return root
 
 
@@ -79,6 +81,8 @@ CASES = [
     case(sample.main, ["--device", "gpu0"], "--device gpu0: not a device name"),
     case(sample.main, ["--attn", "triton"], "--attn triton runs the fused kernel on a CUDA GPU"),
     case(sample.main, ["--attn", "flash"], "argument --attn: invalid choice"),
+    case(sample.main, ["--out", "{root}/empty.jsonl/x.gif"], "--out {root}/empty.jsonl/x.gif: cannot make its folder"),
+    case(sample.main, ["--prompt-embeds", "{root}/random/model.safetensors"], "is not a readable safetensors file"),
     case(sample.main, ["--frames", "8"], "needs 1 + 4k frames (1, 5, 9, 13, 17, ...); got 8 frames"),
     case(evaluate.main, ["--benchmark", "--n", "0"], "--n 0: must be at least 1"),
     case(evaluate.main, ["--benchmark", "--steps", "0"], "--steps 0: must be from 1 to 10000"),
@@ -88,6 +92,11 @@ CASES = [
     case(evaluate.main, ["--benchmark", "--device", "cuda"], "--device cuda: this torch build or machine has no CUDA GPU"),
     case(evaluate.main, ["--benchmark", "--sheet", "{root}/s.gif"], "--sheet {root}/s.gif: the file type must be"),
     case(evaluate.main, [], "pass --benchmark --ckpt PATH"),
+    case(evaluate.main, ["--videos", "{root}/no_videos", "--refs", "{root}/photo.jpg", "--prompts", "a person nods"],
+         "no video files in {root}/no_videos"),
+    case(evaluate.main, ["--videos", "{root}/broken.mp4", "--refs", "{root}/photo.jpg", "--prompts", "a person nods"],
+         "Invalid data found when processing input"),
+    case(evaluate.main, ["--benchmark", "--out", "{root}/empty.jsonl/e"], "--out {root}/empty.jsonl/e: cannot make"),
     case(train.main, ["--steps", "0"], "--steps 0: must be at least 1"),
     case(train.main, ["--steps", "-2"], "--steps -2: must be at least 1"),
     case(train.main, ["--batch", "0"], "--batch 0: must be at least 1"),
@@ -218,10 +227,9 @@ def test_a_photo_as_reference_warns_in_one_line(world, tmp_path, capsys):
     code, out, err = cli(sample.main, args + ["--ref", str(world / "photo.jpg")], capsys)
     assert code == 0 and (tmp_path / "v.gif").is_file()
     assert [line for line in err.splitlines() if "sample.py" in line] == [  # the rest: the progress bar
-        "sample.py: warning: the reference is 200x150, not a 32x32 synthetic-world face: this model knows only the "
+        "sample.py: warning: the reference is 200x150, not a square synthetic-world face: this model knows only the "
         "synthetic world's faces, so the video will not keep this identity"]
-    Image.fromarray(np.full((32, 32, 3), 120, np.uint8)).save(tmp_path / "face.png")  # the world's frame size
-    code, out, err = cli(sample.main, args + ["--ref", str(tmp_path / "face.png")], capsys)
+    code, out, err = cli(sample.main, args, capsys)  # the bundled reference: a 128 px render of the world
     assert code == 0 and "sample.py" not in err and (tmp_path / "v.gif").is_file()
 
 
