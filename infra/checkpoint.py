@@ -122,7 +122,7 @@ def checkpoints(run: str | os.PathLike) -> list[Path]:
     return sorted(found, key=lambda p: p.name != name)  # stable: the others stay newest first
 
 
-def load_for_resume(run: str | os.PathLike, **load_args) -> tuple[Path, dict, list[str]]:
+def load_for_resume(run: str | os.PathLike, **load_args) -> tuple[Path, dict, list[Path], list[str]]:
     """The newest checkpoint of a run folder that loads (checkpoints() order) and its state.pt, read with
     torch.load(**load_args) -> (folder, state, the checkpoints skipped, a line for each that says why)."""
     skipped, why = [], []
@@ -150,6 +150,7 @@ RUN_FILES = ("latest", "metrics.jsonl", "train_config.json", "step_*", "sample_*
 
 
 def run_files(run: str | os.PathLike) -> list[Path]:
+    """What train.py wrote in a run folder (RUN_FILES)."""
     run = Path(run)
     return sorted(p for pattern in RUN_FILES for p in run.glob(pattern)) if run.is_dir() else []
 
