@@ -380,38 +380,20 @@ def open_metrics(path: Path, resumed_step: int | None):
     return open(path, "a")
 
 
-def prepare_run(cfg: TrainConfig, out: Path, rank: int, world: int, device) -> tuple[Path | None, dict | None]:
-    """The run folder before any work: what an interrupted save left is cleared; --resume -> the newest checkpoint
-    that loads and its state (the ones that do not are set aside, said on stderr); a fresh run refuses a folder
-    that holds an earlier run's results. -> (checkpoint, state), (None, None) for a fresh run."""
-    if rank == 0:
-        for line in checkpoint.clean_partial(out):
-            print(f"train.py: {line} (left by an interrupted save)", file=sys.stderr)
-    if world > 1:
-        dist.barrier()
-    if not cfg.resume:
-        if checkpoint.earlier_run(out) and not cfg.overwrite:
-            raise UsageError(f"{out} holds an earlier run ({', '.join(p.name for p in checkpoint.earlier_run(out)[:3])}): "
-                             f"pass --resume to continue it, --overwrite to start afresh there (deletes it), or another --out")
-        return None, None
-    # FSDP: memory-mapped, read where used
-    src, state, skipped, why = checkpoint.load_for_resume(out, map_location="cpu" if cfg.fsdp else device, mmap=cfg.fsdp)
-    if state["step"] >= cfg.steps:
-        raise UsageError(f"--resume: {src} is at step {state['step']}, so --steps {cfg.steps} leaves nothing to "
-                         f"train: pass a larger --steps")
-    if rank == 0 and skipped:
-        for folder, line in zip(skipped, why):
-            print(f"train.py: {line}; renamed {checkpoint.set_aside(folder).name}", file=sys.stderr)
-        checkpoint.write_latest(out, src.name)
-    return src, state
-
-
 def train(cfg: TrainConfig) -> Path:
     rank, world, device = setup_distributed(cfg)
     check_run(cfg, device)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
-    src, state = prepare_run(cfg, out, rank, world, device)
+    if rank == 0:
+        for line in checkpoint.clean_partial(out):
+            print(f"train.py: {line} (left by an interrupted save)", file=sys.stderr)
+    if world > 1:
+        dist.barrier()
+    src, state, notes = checkpoint.open_run(out, cfg.resume, cfg.overwrite, cfg.steps, rank == 0,  # FSDP: mmap
+                                            map_location="cpu" if cfg.fsdp else device, mmap=cfg.fsdp)
+    for line in notes:
+        print(f"train.py: {line}", file=sys.stderr)
     if cfg.resume:
         cfg.init = str(src)
     pipe = build(cfg, device)

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from infra.errors import one_line, open_safetensors, read_safetensors
+from infra.errors import UsageError, one_line, open_safetensors, read_safetensors
 from pipeline import Pipeline, pipeline_from_config
 
 
@@ -144,6 +144,27 @@ def load_for_resume(run: str | os.PathLike, **load_args) -> tuple[Path, dict, li
 def set_aside(folder: Path) -> Path:
     """Rename a checkpoint that does not load to `NAME.damaged`: kept for a look, out of the run's rotation."""
     return folder.rename(folder.with_name(folder.name + ".damaged"))
+
+
+def open_run(run: Path, resume: bool, overwrite: bool, steps: int, main_process: bool, **load_args):
+    """A run folder before training starts: --resume -> (the newest checkpoint that loads, its state, a line for each
+    one that does not, which the main process sets aside), refused when it is already at `steps`; a fresh run ->
+    (None, None, []), refused in a folder that holds an earlier run's results unless `overwrite`."""
+    if not resume:
+        if earlier_run(run) and not overwrite:
+            raise UsageError(f"{run} holds an earlier run ({', '.join(p.name for p in earlier_run(run)[:3])}): pass "
+                             f"--resume to continue it, --overwrite to start afresh there (deletes it), or another --out")
+        return None, None, []
+    src, state, skipped, why = load_for_resume(run, **load_args)
+    if state["step"] >= steps:
+        raise UsageError(f"--resume: {src} is at step {state['step']}, so --steps {steps} leaves nothing to train: "
+                         f"pass a larger --steps")
+    if not main_process:
+        return src, state, []
+    notes = [f"{line}; renamed {set_aside(folder).name}" for folder, line in zip(skipped, why)]
+    if skipped:
+        write_latest(run, src.name)
+    return src, state, notes
 
 
 RUN_FILES = ("latest", "metrics.jsonl", "train_config.json", "step_*", "sample_*.gif")  # what train.py writes in --out
