@@ -124,8 +124,12 @@ class ManifestDataset(torch.utils.data.Dataset):
         for n, line in enumerate(manifest.read_text().splitlines(), 1):
             if not line.strip():
                 continue
-            item = json.loads(line)
-            if "video" not in item or "caption" not in item:
+            try:
+                item = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"{manifest}:{n}: not a JSON object ({e}); each line is one "
+                                 f"{{\"video\", \"caption\"}} object") from None
+            if not isinstance(item, dict) or "video" not in item or "caption" not in item:
                 raise ValueError(f"{manifest}:{n}: each line needs \"video\" and \"caption\"")
             for key in ("video", "reference", "faces", "prompt_embeds", "empty_prompt_embeds"):
                 if key in item and not os.path.isabs(item[key]):
@@ -160,7 +164,9 @@ class ManifestDataset(torch.utils.data.Dataset):
             if "reference" in item:
                 ref = load_image(item["reference"], self.size)
             else:  # in-clip reference: a frame outside the sampled ones when possible
-                ref = resize_center_crop(to_tensor(src[rng.integers(len(src))])[None], self.size)[0]
+                outside = np.setdiff1d(np.arange(len(src)), idx)
+                k = rng.choice(outside) if len(outside) else rng.integers(len(src))
+                ref = resize_center_crop(to_tensor(src[k])[None], self.size)[0]
             out = {"video": video.transpose(0, 1), "ref": ref, "prompt": item["caption"]}
             if "faces" in item:
                 faces = np.load(item["faces"])

@@ -37,7 +37,6 @@ Every synthetic metric is checked in tests/test_evaluate.py: ground-truth clips 
 a reference of another identity gives chance FaceSim, mismatched prompts chance accuracy,
 in-clip references more copy-paste than cross-clip ones, a still video no dynamics.
 """
-import argparse
 import json
 import math
 import sys
@@ -51,7 +50,8 @@ import torch.nn.functional as F
 from data import AV_SUFFIXES, PIL_SUFFIXES, contact_sheet, load_image, read_frames, resize_center_crop, to_tensor
 from faces import embed_faces
 from infra import checkpoint
-from infra.cli import add_flags, config_from, flag
+from infra.cli import add_flags, config_from, flag, parser
+from infra.errors import check_device, check_suffix, check_writable, run_main
 from pipeline import generate
 from world.face_nets import SYNTH_FACE_MODEL, resize_frames
 from world.judges import WORLD_MODEL, WORLD_SIZE, Judges, accuracy, face_size, load_judges
@@ -251,6 +251,8 @@ def read_videos(paths: list[str], refs: list[str], prompts: list[str]):
     files = []
     for p in map(Path, paths):
         files += sorted(q for q in p.iterdir() if q.suffix.lower() in AV_SUFFIXES | PIL_SUFFIXES) if p.is_dir() else [p]
+    if not files:
+        raise ValueError(f"no video files in {' '.join(paths)} (types: {' '.join(sorted(AV_SUFFIXES | PIL_SUFFIXES))})")
     if len(refs) not in (1, len(files)) or len(prompts) not in (1, len(files)):
         raise ValueError(f"{len(files)} videos need one reference and one prompt each, or one for all")
     for k, path in enumerate(files):
@@ -265,53 +267,52 @@ class EvalConfig:
     benchmark: bool = flag(False, "generate the synthetic test set with --ckpt and score it")
     recon: bool = flag(False, "the VAE of --ckpt on --n held-out clips and images: PSNR and L1")
     ckpt: str = flag("", "checkpoint folder or run folder (train.py) for --benchmark and --recon")
-    n: int = flag(32, "test clips")
-    steps: int = flag(20, "sampling steps")
+    n: int = flag(32, "test clips", lo=1)
+    steps: int = flag(20, "sampling steps", lo=1, hi=10_000)
     s_text: float = flag(5.0, "text guidance scale s_y")
     s_ref: float = flag(7.5, "reference guidance scale s_r")
-    seed: int = flag(0, "seed of the test set and the noise")
+    seed: int = flag(0, "seed of the test set and the noise", lo=0, hi=2**31 - 1)
     ref_source: str = flag("cross", f"--benchmark references, one of {REF_SOURCES}: cross (another clip of the "
                                     "identity: other pose, light, scene; the paper's setting), portrait (the same, "
-                                    "posed like an ID photo) or in_clip (a frame of the clip itself: the copy-paste trap)")
+                                    "posed like an ID photo) or in_clip (a frame of the clip itself: the copy-paste trap)",
+                      choices=REF_SOURCES)
     videos: list = flag([], "video files or folders of them to score")
     refs: list = flag([], "reference image per video (or one for all)")
     prompts: list = flag([], "prompt per video (or one for all)")
     out: str = flag("out/evaluation", "writes OUT.json and OUT.md")
     sheet: str = flag("", "--benchmark: PNG of generated rows above the real clips of their identities; --recon: "
                           "held-out clips above their reconstructions")
-    sheet_rows: int = flag(4, "--benchmark, --recon: test clips shown in --sheet")
+    sheet_rows: int = flag(4, "--benchmark, --recon: test clips shown in --sheet", lo=1)
     face_model: str = flag(str(SYNTH_FACE_MODEL), "synthetic face detector + embedder folder")
     face_onnx: str = flag("", "InsightFace ArcFace .onnx to embed faces with instead")
     world_model: str = flag(str(WORLD_MODEL), "scene and action classifier folder")
     device: str = flag("cpu", "device for generation (cpu, cuda)")
 
 
-def main(argv=None) -> int:
-    p = add_flags(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter),
-                  EvalConfig)
+def evaluate(argv=None) -> None:
+    p = add_flags(parser("evaluate.py", __doc__), EvalConfig)
     args = config_from(EvalConfig, p.parse_args(argv))
-    if args.ref_source not in REF_SOURCES:
-        p.error(f"--ref-source must be one of {REF_SOURCES}")
     if not args.benchmark and not args.recon and not args.videos:
         p.error("pass --benchmark --ckpt PATH, --recon --ckpt PATH or --videos ...")
     if (args.benchmark or args.recon) and not args.ckpt:
         p.error("--benchmark and --recon need --ckpt")
-    try:
-        if args.recon:
-            pipe, _ = checkpoint.load(args.ckpt)
-            print(json.dumps(reconstruction(pipe.vae.eval(), args.n, pipe.size, pipe.frames, args.seed,
-                                            sheet=args.sheet or None, sheet_rows=args.sheet_rows), indent=2))
-            return 0
-        judges = load_judges(args.face_model, args.world_model, args.face_onnx or None)
-        if args.benchmark:
-            rows = benchmark(judges, args.ckpt, args.n, args.steps, args.s_text, args.s_ref, args.seed, args.device,
-                             args.sheet or None, args.sheet_rows, args.ref_source)
-        else:
-            per_video = [evaluate_videos(judges, *item) for item in read_videos(args.videos, args.refs, args.prompts)]
-            rows = {"videos": summarise({k: torch.cat([m[k] for m in per_video]) for k in per_video[0]})}
-    except (FileNotFoundError, ValueError) as e:
-        print(f"evaluate.py: {e}", file=sys.stderr)
-        return 2
+    check_device(args.device)
+    check_writable(args.out, "--out")
+    if args.sheet:
+        check_suffix(args.sheet, {".png", ".jpg", ".jpeg"}, "--sheet")
+        check_writable(args.sheet, "--sheet")
+    if args.recon:
+        pipe, _ = checkpoint.load(args.ckpt)
+        print(json.dumps(reconstruction(pipe.vae.eval(), args.n, pipe.size, pipe.frames, args.seed,
+                                        sheet=args.sheet or None, sheet_rows=args.sheet_rows), indent=2))
+        return
+    judges = load_judges(args.face_model, args.world_model, args.face_onnx or None)
+    if args.benchmark:
+        rows = benchmark(judges, args.ckpt, args.n, args.steps, args.s_text, args.s_ref, args.seed, args.device,
+                         args.sheet or None, args.sheet_rows, args.ref_source)
+    else:
+        per_video = [evaluate_videos(judges, *item) for item in read_videos(args.videos, args.refs, args.prompts)]
+        rows = {"videos": summarise({k: torch.cat([m[k] for m in per_video]) for k in per_video[0]})}
     table = markdown_table(rows)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -319,7 +320,10 @@ def main(argv=None) -> int:
     out.with_suffix(".md").write_text(table + "\n")
     print(table)
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
-    return 0
+
+
+def main(argv=None) -> int:
+    return run_main("evaluate.py", evaluate, argv)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@
 Writes the video (.mp4 through PyAV, .gif/.webp through Pillow) and a PNG sheet
 (reference | frames) beside it.
 """
-import argparse
+import importlib.util
 import sys
 import time
 from dataclasses import dataclass
@@ -16,9 +16,12 @@ from pathlib import Path
 
 import torch
 
-from data import contact_sheet, load_image, save_video
+from PIL import Image
+
+from data import AV_SUFFIXES, PIL_SUFFIXES, contact_sheet, load_image, save_video
 from infra import checkpoint
-from infra.cli import add_flags, config_from, flag
+from infra.cli import add_flags, config_from, flag, parser
+from infra.errors import UsageError, check_attn, check_device, check_suffix, check_writable, run_main
 from ltx2.convert import LTX2_FPS, build_pipeline, find_transformer
 from pipeline import Pipeline, encode_text, generate, load_text
 
@@ -41,20 +44,44 @@ class SampleConfig:
     prompt_embeds: str = flag("", "precomputed prompt embeddings (.safetensors from python -m ltx2 encode-prompts) used "
                                   "in place of the text encoder; --prompt then only captions the sheet")
     empty_embeds: str = flag("", "the empty prompt's embeddings (empty: empty.safetensors beside --prompt-embeds)")
-    size: int = flag(0, "frame size in pixels (0: the checkpoint's; LTX-2.3: 512)")
-    frames: int = flag(0, "frames, 1 + tau k (0: the checkpoint's; LTX-2.3: 121)")
-    fps: float = flag(0.0, "frame rate (0: the checkpoint's; LTX-2.3: 24)")
+    size: int = flag(0, "frame size in pixels (0: the checkpoint's; LTX-2.3: 512)", lo=0, hi=4096)
+    frames: int = flag(0, "frames, 1 + tau k (0: the checkpoint's; LTX-2.3: 121)", lo=0, hi=10_000)
+    fps: float = flag(0.0, "frame rate (0: the checkpoint's; LTX-2.3: 24)", lo=0.0)
     s_text: float = flag(5.0, "text guidance scale s_y")
     s_ref: float = flag(7.5, "reference guidance scale s_r")
-    steps: int = flag(30, "Euler steps")
-    seed: int = flag(0, "noise seed")
+    steps: int = flag(30, "Euler steps", lo=1, hi=10_000)
+    seed: int = flag(0, "noise seed", lo=0, hi=2**31 - 1)
     device: str = flag("cpu", "cpu or cuda")
-    attn: str = flag("torch", "attention backend: torch, or triton (needs a GPU)")
+    attn: str = flag("torch", "attention backend: torch, or triton (needs a GPU)", choices=("torch", "triton"))
 
 
 def parse_args(argv=None) -> SampleConfig:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    return config_from(SampleConfig, add_flags(p, SampleConfig).parse_args(argv))
+    return config_from(SampleConfig, add_flags(parser("sample.py", __doc__), SampleConfig).parse_args(argv))
+
+
+def check_outputs(args: SampleConfig) -> tuple[Path, Path]:
+    """(video, sheet) paths of types this machine can write, checked before any sampling."""
+    out = Path(args.out)
+    check_suffix(args.out, AV_SUFFIXES | PIL_SUFFIXES, "--out")
+    if out.suffix.lower() in AV_SUFFIXES and importlib.util.find_spec("av") is None:
+        raise UsageError(f"--out {out}: writing {out.suffix} needs PyAV (pip install -e '.[video]'); or write .gif/.webp")
+    sheet = Path(args.sheet) if args.sheet else out.with_name(out.stem + "_sheet.png")
+    check_suffix(str(sheet), {".png", ".jpg", ".jpeg"}, "--sheet")
+    check_writable(args.out, "--out")
+    check_writable(str(sheet), "--sheet")
+    return out, sheet
+
+
+def warn_if_not_a_world_reference(args: SampleConfig, pipe: Pipeline) -> None:
+    """This project's own presets are trained on the synthetic world, whose references are square renders of a
+    face; a reference that is not square is most likely a photo (one warning line; a cheap check, not a detector)."""
+    if pipe.text is None:  # LTX-2.3 (precomputed prompt embeddings) takes real photos
+        return
+    with Image.open(args.ref) as im:
+        w, h = im.size
+    if w != h:
+        print(f"sample.py: warning: the reference is {w}x{h}, not a square synthetic-world face: this model knows "
+              f"only the synthetic world's faces, so the video will not keep this identity", file=sys.stderr)
 
 
 def load_pipeline(args: SampleConfig) -> Pipeline:
@@ -69,28 +96,28 @@ def load_pipeline(args: SampleConfig) -> Pipeline:
     return pipe.check().to(args.device)
 
 
-def main(argv=None) -> int:
+def sample(argv=None) -> None:
     args = parse_args(argv)
     if Path(args.ckpt) == DEFAULT_CKPT and not (DEFAULT_CKPT / "model.safetensors").is_file():
-        print(f"sample.py: no trained model is bundled at {DEFAULT_CKPT}; train one (README, 'Training') and pass --ckpt", file=sys.stderr)
-        return 2
-    try:
-        pipe = load_pipeline(args)
-        ref = None if args.no_ref else load_image(args.ref, pipe.size)
-        text = load_text(pipe, args.prompt_embeds, args.empty_embeds) if args.prompt_embeds else encode_text(pipe, args.prompt)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"sample.py: {e}", file=sys.stderr)
-        return 2
+        raise UsageError(f"no trained model is bundled at {DEFAULT_CKPT}; train one (README, 'Training') and pass --ckpt")
+    check_attn(args.attn, check_device(args.device))
+    out, sheet = check_outputs(args)
+    pipe = load_pipeline(args)
+    ref = None if args.no_ref else load_image(args.ref, pipe.size)
+    if ref is not None:
+        warn_if_not_a_world_reference(args, pipe)
+    text = load_text(pipe, args.prompt_embeds, args.empty_embeds) if args.prompt_embeds else encode_text(pipe, args.prompt)
     pipe.dit.cfg.attn_backend = args.attn
     start = time.perf_counter()
     video = generate(pipe, ref, args.prompt, args.s_text, args.s_ref, args.steps, args.seed, text=text)
-    out = Path(args.out)
     save_video(out, video, pipe.fps)
-    sheet = Path(args.sheet) if args.sheet else out.with_name(out.stem + "_sheet.png")
     blank = torch.full_like(video[:, 0], 1.0)
     contact_sheet([(blank if ref is None else ref, video, args.prompt)]).save(sheet)
     print(f"wrote {out} and {sheet} ({video.shape[1]} frames, {pipe.size}x{pipe.size}) in {time.perf_counter() - start:.1f} s")
-    return 0
+
+
+def main(argv=None) -> int:
+    return run_main("sample.py", sample, argv)
 
 
 if __name__ == "__main__":

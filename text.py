@@ -106,12 +106,12 @@ class TextEncoder(nn.Module):
 
 def load_prompt_embeds(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]:
     """A precomputed-embeddings file -> (prompt_embeds [L, D] float32, prompt_attention_mask [L] bool)."""
-    from safetensors.torch import load_file
+    from infra.errors import read_safetensors
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompt embeddings not found: {path} (write them with `python -m ltx2 encode-prompts`)")
-    w = load_file(str(path))
+    w = read_safetensors(path)
     if "prompt_embeds" not in w or "prompt_attention_mask" not in w:
         raise ValueError(f"{path} needs tensors prompt_embeds [L, D] and prompt_attention_mask [L]; has {sorted(w)}")
     emb, mask = w["prompt_embeds"], w["prompt_attention_mask"]

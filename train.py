@@ -12,7 +12,6 @@ Every flag is a field of TrainConfig (`--help` lists them). Checkpoints: see inf
 `--resume` continues a run folder exactly (weights, EMA, optimizer, step; the data and noise
 of step k are drawn from a generator seeded by (seed, rank, k)).
 """
-import argparse
 import contextlib
 import copy
 import json
@@ -28,21 +27,22 @@ import torch.nn as nn
 import torch.utils.checkpoint
 from tqdm import tqdm
 
-from safetensors.torch import load_file
-
 import data
 from faces import embed_faces
 from guidance import dropout_masks, shift_for_tokens, shift_time
 from infra import checkpoint
-from infra.cli import add_flags, config_from, flag
+from infra.cli import add_flags, config_from, flag, parser
+from infra.errors import UsageError, check_attn, read_safetensors, run_main
 from infra.distributed import full_state, peak_memory_gb, restore, setup_distributed, wrap
 from infra.surgery import deepened, preset_checkpoint, rewidened
 from losses import add_noise, clean_estimate, flow_loss, identity_loss, temporal_identity_loss, total_loss, w_aux
 from ltx2.convert import build_pipeline as build_ltx2_pipeline, find_transformer
 from pipeline import Pipeline, build_pipeline, generate
+from rope import REFERENCE_MODES
 from text import EMPTY_PROMPT, check_text_width, pad_prompt_embeds, text_pair, tokenize
 from vae import compute_latent_stats, face_weight, latent_weight
 from world.face_nets import load_embedder
+from world.synth import REF_SOURCES
 
 
 T_DISTS = ("logit-normal", "uniform")  # --t-dist, see sample_t
@@ -50,9 +50,11 @@ T_DISTS = ("logit-normal", "uniform")  # --t-dist, see sample_t
 
 @dataclass
 class TrainConfig:
-    stage: str = flag("dit", "vae: train the VAE then compute its latent statistics; dit: train text encoder + DiT")
-    config: str = flag("tiny", "model and world size preset: tiny (CPU tests), small (the shipped demo), or ltx2 "
-                               "(LTX-2.3 weights from --init and --vae, precomputed prompt embeddings)")
+    stage: str = flag("dit", "vae: train the VAE then compute its latent statistics; dit: train text encoder + DiT",
+                      choices=("vae", "dit"))
+    config: str = flag("tiny", "model and world size preset: tiny (CPU tests), demo (the bundled model), small (the "
+                               "synthetic world on one GPU), or ltx2 (LTX-2.3 weights from --init and --vae, "
+                               "precomputed prompt embeddings)")
     data: str = flag("synth", "'synth' for the synthetic world, or a JSONL manifest of real videos")
     out: str = flag("runs/exp", "run folder: checkpoints, metrics.jsonl, sample GIFs")
     init: str = flag("", "checkpoint to start from (dit stage: a trained VAE or a base model; --config ltx2: an "
@@ -63,20 +65,23 @@ class TrainConfig:
     latent_channels: int = flag(0, "latent channels of the VAE, and so the DiT's input width (0: the preset's); pass "
                                    "it again to --resume such a run or to take its VAE with --vae (an --init DiT of "
                                    "another width keeps its blocks, its input and output layers start fresh)")
-    size: int = flag(0, "frame size in pixels (0: the preset's; ltx2: 512)")
-    frames: int = flag(0, "frames per clip, 1 + tau k (0: the preset's; ltx2: 121)")
-    resume: bool = flag(False, "continue the run in --out from its latest checkpoint")
-    ref: str = flag("tass", "reference RoPE placement (tass, shared, far, tass_t0) or 'none' for the text-to-video base")
-    steps: int = flag(1000, "optimizer steps")
-    batch: int = flag(8, "clips per process and step")
-    lr: float = flag(5e-5, "AdamW learning rate (paper: 5e-5)")
-    weight_decay: float = flag(0.0, "AdamW weight decay")
-    warmup: int = flag(50, "linear learning-rate warm-up steps")
-    cooldown: int = flag(0, "linear learning-rate decay over the last N of --steps, to lr / N at the last (0: constant after warm-up)")
-    grad_clip: float = flag(1.0, "gradient norm clip (0: off)")
-    ema: float = flag(0.999, "EMA decay of the trained weights (0: off)")
-    p_y: float = flag(0.05, "probability of dropping the text (paper: 0.05)")
-    p_r: float = flag(0.20, "probability of dropping the reference (paper: 0.20)")
+    size: int = flag(0, "frame size in pixels (0: the preset's; ltx2: 512)", lo=0, hi=4096)
+    frames: int = flag(0, "frames per clip, 1 + tau k (0: the preset's; ltx2: 121)", lo=0, hi=10_000)
+    resume: bool = flag(False, "continue the run in --out from its latest checkpoint that loads")
+    overwrite: bool = flag(False, "start afresh in an --out that holds an earlier run: deletes its checkpoints, "
+                                  "metrics and samples")
+    ref: str = flag("tass", "reference RoPE placement (tass, shared, far, tass_t0) or 'none' for the text-to-video base",
+                    choices=(*REFERENCE_MODES, "none"))
+    steps: int = flag(1000, "optimizer steps", lo=1)
+    batch: int = flag(8, "clips per process and step", lo=1)
+    lr: float = flag(5e-5, "AdamW learning rate (paper: 5e-5)", lo=0.0)
+    weight_decay: float = flag(0.0, "AdamW weight decay", lo=0.0)
+    warmup: int = flag(50, "linear learning-rate warm-up steps", lo=0)
+    cooldown: int = flag(0, "linear learning-rate decay over the last N of --steps, to lr / N at the last (0: constant after warm-up)", lo=0)
+    grad_clip: float = flag(1.0, "gradient norm clip (0: off)", lo=0.0)
+    ema: float = flag(0.999, "EMA decay of the trained weights (0: off)", lo=0.0, hi=1.0)
+    p_y: float = flag(0.05, "probability of dropping the text (paper: 0.05)", lo=0.0, hi=1.0)
+    p_r: float = flag(0.20, "probability of dropping the reference (paper: 0.20)", lo=0.0, hi=1.0)
     lambda_id: float = flag(0.1, "weight of L_id (paper: 0.1); needs --face-model")
     lambda_tic: float = flag(0.05, "weight of L_tic (paper: 0.05); needs --face-model")
     gamma: float = flag(1.0, "exponent of w_aux(t) = (SNR / (SNR + 1))^gamma")
@@ -84,11 +89,13 @@ class TrainConfig:
                                    "alpha there, 1 elsewhere; 0: off): vae stage on the L1 reconstruction, dit stage "
                                    "on the flow loss per latent token (not in the paper)")
     t_dist: str = flag("logit-normal", "training times t: logit-normal shifted like the sampler (LTX) or uniform on "
-                                       "(0, 1), which trains the low-noise steps that draw fine detail far more often")
+                                       "(0, 1), which trains the low-noise steps that draw fine detail far more often",
+                       choices=T_DISTS)
     face_model: str = flag("", "face embedder for L_id / L_tic (faces.py); empty: flow loss only")
-    id_frames: int = flag(2, "latent frames decoded for the face loss (from the first)")
+    id_frames: int = flag(2, "latent frames decoded for the face loss (from the first)", lo=1)
     ref_source: str = flag("cross", "synthetic references: cross (other clip of the identity), portrait (another "
-                                     "shot posed like an ID photo: centred, fixed size, mild pose), in_clip, or mix")
+                                     "shot posed like an ID photo: centred, fixed size, mild pose), in_clip, or mix",
+                           choices=(*REF_SOURCES, "mix"))
     augment: bool = flag(True, "reference augmentation (flip, rotation, crop, colour jitter)")
     fsdp: bool = flag(False, "shard the dit stage with FSDP2 under torchrun: no rank copies the whole DiT (weights "
                              "memory-mapped, the model on the meta device until fully_shard per block; bf16 params, "
@@ -100,20 +107,19 @@ class TrainConfig:
                          "appended as the identity (zero output projections), so training starts from --init's function")
     rope_theta: float = flag(0.0, "RoPE base theta of the DiT (0: --init's, else the preset's); pair m of an axis "
                                    "with n pairs turns at theta^(-m/n) per latent position")
-    attn: str = flag("torch", "attention backend: torch or triton")
-    log_every: int = flag(10, "steps between metric lines")
-    save_every: int = flag(500, "steps between checkpoints (and at the end)")
-    sample_every: int = flag(0, "steps between sample GIFs (0: off)")
-    keep: int = flag(2, "checkpoints kept in the run folder")
-    seed: int = flag(0, "seed of weights, data and noise")
-    workers: int = flag(2, "data loader workers for manifest data")
-    fps: float = flag(8.0, "frame rate clips are sampled at (manifest data) and written at")
+    attn: str = flag("torch", "attention backend: torch or triton (a CUDA GPU)", choices=("torch", "triton"))
+    log_every: int = flag(10, "steps between metric lines", lo=1)
+    save_every: int = flag(500, "steps between checkpoints (and at the end)", lo=1)
+    sample_every: int = flag(0, "steps between sample GIFs (0: off)", lo=0)
+    keep: int = flag(2, "checkpoints kept in the run folder", lo=1)
+    seed: int = flag(0, "seed of weights, data and noise", lo=0, hi=2**31 - 1)
+    workers: int = flag(2, "data loader workers for manifest data", lo=0)
+    fps: float = flag(8.0, "frame rate clips are sampled at (manifest data) and written at", lo=1e-3)
     progress: bool = flag(True, "progress bar on rank 0")
 
 
 def parse_args(argv=None) -> TrainConfig:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    return config_from(TrainConfig, add_flags(p, TrainConfig).parse_args(argv))
+    return config_from(TrainConfig, add_flags(parser("train.py", __doc__), TrainConfig).parse_args(argv))
 
 
 # ----------------------------------------------------------------------------- the trained module
@@ -215,13 +221,13 @@ def build(cfg: TrainConfig, device) -> Pipeline:
                     overrides["rope_theta"] = saved["dit"]["rope_theta"]
                 pipe = build_pipeline(cfg.config, cfg.latent_channels, **overrides)
                 if src:
-                    weights = load_file(str(src / "model.safetensors"))
+                    weights = read_safetensors(src / "model.safetensors")
                     if cfg.vae:  # --vae's VAE replaces --init's, which may be of another latent width
                         weights = rewidened({k: v for k, v in weights.items() if not k.startswith("vae.")}, pipe.dit)
                     checkpoint.load_state(pipe.modules(), deepened(weights, pipe.dit), strict=False)
                 if cfg.vae:  # another checkpoint's VAE (e.g. one trained further) in place of --init's
                     vae_src, _ = preset_checkpoint(cfg.vae, cfg.config, "--vae")
-                    checkpoint.load_state({"vae": pipe.vae}, load_file(str(vae_src / "model.safetensors")))
+                    checkpoint.load_state({"vae": pipe.vae}, read_safetensors(vae_src / "model.safetensors"))
             pipe.size, pipe.frames, pipe.fps = cfg.size or pipe.size, cfg.frames or pipe.frames, cfg.fps
         pipe.check()
     except (FileNotFoundError, ValueError) as e:
@@ -230,6 +236,16 @@ def build(cfg: TrainConfig, device) -> Pipeline:
         pipe.vae.to(device)
         return pipe
     return pipe.to(device)
+
+
+def check_run(cfg: TrainConfig, device) -> None:
+    """The flags that only make sense together, checked before any work starts."""
+    check_attn(cfg.attn, device)
+    if cfg.resume and cfg.overwrite:
+        raise UsageError("--resume continues the run in --out, --overwrite deletes it: pass one of them")
+    if cfg.stage == "dit" and not (cfg.init or cfg.vae or cfg.resume) and cfg.config != "ltx2":
+        raise UsageError("--stage dit trains on a frozen VAE and a fresh one is random: pass --init <a run of "
+                         "--stage vae, or a base model> or --vae <a run of --stage vae>")
 
 
 def batches(cfg: TrainConfig, pipe, rank: int, world: int, device):
@@ -244,8 +260,10 @@ def batches(cfg: TrainConfig, pipe, rank: int, world: int, device):
     loader = torch.utils.data.DataLoader(dataset, cfg.batch, sampler=sampler, shuffle=sampler is None,
                                          num_workers=cfg.workers, collate_fn=data.collate, drop_last=True, persistent_workers=cfg.workers > 0)
     if len(loader) == 0:  # drop_last with fewer clips than a step needs would loop forever
+        errors = [e for e in (dataset[k].get("error") for k in range(len(dataset))) if e]  # few: name them
+        unreadable = f"; {len(errors)} of them cannot be read (first: {errors[0]})" if errors else ""
         sys.exit(f"train.py: {cfg.data} has {len(dataset)} clips, fewer than one step needs ({world} processes x "
-                 f"--batch {cfg.batch}): lower --batch or add clips")
+                 f"--batch {cfg.batch}){unreadable}: lower --batch, fix or add clips")
     state = {"it": iter(loader), "epoch": 0, "skipped": 0, "read": 0, "error": ""}
 
     def manifest(step):
@@ -363,13 +381,20 @@ def open_metrics(path: Path, resumed_step: int | None):
 
 
 def train(cfg: TrainConfig) -> Path:
-    if cfg.t_dist not in T_DISTS:
-        raise SystemExit(f"train.py: --t-dist {cfg.t_dist!r}: use {' or '.join(T_DISTS)}")
     rank, world, device = setup_distributed(cfg)
+    check_run(cfg, device)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
+    if rank == 0:
+        for line in checkpoint.clean_partial(out):
+            print(f"train.py: {line} (left by an interrupted save)", file=sys.stderr)
+    if world > 1:
+        dist.barrier()
+    src, state, notes = checkpoint.open_run(out, cfg.resume, cfg.overwrite, cfg.steps, rank == 0,  # FSDP: mmap
+                                            map_location="cpu" if cfg.fsdp else device, mmap=cfg.fsdp)
+    for line in notes:
+        print(f"train.py: {line}", file=sys.stderr)
     if cfg.resume:
-        src = checkpoint.resolve(out)
         cfg.init = str(src)
     pipe = build(cfg, device)
     trained = VAETrainer(pipe.vae) if cfg.stage == "vae" else Denoiser(pipe.text, pipe.dit)
@@ -379,15 +404,18 @@ def train(cfg: TrainConfig) -> Path:
     opt = torch.optim.AdamW(trained.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = {k: v.detach().float().clone() for k, v in trained.state_dict().items()} if cfg.ema > 0 else None
     step = 0
-    if cfg.resume:  # FSDP: memory-mapped, read where used
-        state = torch.load(src / "state.pt", map_location="cpu" if cfg.fsdp else device, weights_only=False, mmap=cfg.fsdp)
+    if cfg.resume:
         ema, step = restore(cfg, trained, opt, state), state["step"]
+        if rank == 0:
+            tqdm.write(f"train.py: resuming {src} at step {step}")
     embedder = None
     if cfg.stage == "dit" and cfg.face_model and cfg.ref != "none" and (cfg.lambda_id or cfg.lambda_tic):
         embedder = load_embedder(cfg.face_model).to(device)
     next_batch = batches(cfg, pipe, rank, world, device)
     autocast = torch.autocast("cuda", torch.bfloat16) if cfg.bf16 and device.type == "cuda" else contextlib.nullcontext()
     if rank == 0:
+        if cfg.overwrite:
+            checkpoint.clear_run(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     bar = tqdm(total=cfg.steps, initial=step, disable=rank != 0 or not cfg.progress, desc=f"{cfg.stage}")
@@ -460,8 +488,9 @@ def save(cfg, out, pipe, raw, optim, ema, step, next_batch):
     name = f"step_{step:06d}"
     checkpoint.save(out / name, pipe, weights, state, extra={"preset": cfg.config, "stage": cfg.stage, "step": step})
     checkpoint.write_latest(out, name)
-    for old in sorted(p for p in out.glob("step_*") if p.is_dir())[: -cfg.keep]:
+    for old in checkpoint.step_folders(out)[: -cfg.keep]:
         shutil.rmtree(old, ignore_errors=True)
+    tqdm.write(f"train.py: saved {out / name} (step {step})")
 
 
 def write_sample(cfg, pipe, batch, path):
@@ -476,5 +505,9 @@ def write_sample(cfg, pipe, batch, path):
         data.save_video(path, video, pipe.fps)
 
 
+def main(argv=None) -> int:
+    return run_main("train.py", lambda a: train(parse_args(a)), argv)
+
+
 if __name__ == "__main__":
-    train(parse_args())
+    sys.exit(main())

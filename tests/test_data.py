@@ -67,12 +67,29 @@ def test_manifest_dataset_reads_skips_and_maps_landmarks(tmp_path):
     torch.testing.assert_close(batch["landmarks"][0, :, 0, 0], torch.tensor(expected_x, dtype=torch.float32))
 
 
+def test_in_clip_reference_is_a_frame_outside_the_sampled_ones(tmp_path):
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for f in range(10):  # frame f is one flat grey 20 f: its index is readable from any pixel
+        Image.fromarray(np.full((8, 8, 3), 20 * f, np.uint8)).save(folder / f"{f:03d}.png")
+    (tmp_path / "m.jsonl").write_text(json.dumps({"video": "frames", "caption": "x"}))
+    for seed in range(20):  # 12 fps from 24: frames 0, 2, 4, 6, 8 sampled; the reference is one of 1, 3, 5, 7, 9
+        ds = data.ManifestDataset(tmp_path / "m.jsonl", frames=5, size=8, fps=12.0, train=False, seed=seed)
+        ref = round((ds[0]["ref"][0, 0, 0].item() + 1) * 127.5 / 20)
+        assert ref in (1, 3, 5, 7, 9), (seed, ref)
+    whole = data.ManifestDataset(tmp_path / "m.jsonl", frames=10, size=8, fps=24.0, train=False)
+    assert "error" not in whole[0]  # every frame sampled: the reference is one of them
+
+
 def test_manifest_errors_are_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="manifest not found"):
         data.ManifestDataset(tmp_path / "missing.jsonl", 5, 32)
     (tmp_path / "bad.jsonl").write_text(json.dumps({"caption": "no video"}))
     with pytest.raises(ValueError, match="need"):
         data.ManifestDataset(tmp_path / "bad.jsonl", 5, 32)
+    (tmp_path / "list.jsonl").write_text("[1, 2]\n")
+    with pytest.raises(ValueError, match="list.jsonl:1: each line needs"):
+        data.ManifestDataset(tmp_path / "list.jsonl", 5, 32)
 
 
 def test_load_image_errors(tmp_path):

@@ -19,12 +19,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from data import augment_reference
 from faces import align_faces, embed_faces
 from infra.cli import add_flags, config_from, flag
+from infra.errors import read_safetensors
 from world.synth import (ACTIONS, SCENES, TEST_ID_START, identity_params, landmarks_and_boxes, render,
                          render_backgrounds, render_clips, sample_faces)
 
@@ -136,7 +137,7 @@ def load_model(folder, name: str, build, command: str) -> nn.Module:
         raise FileNotFoundError(f"no {name} model at {folder}: expected config.json and {name}.safetensors "
                                 f"(train one with `{command.format(folder=folder)}`)")
     model = build(json.loads((folder / "config.json").read_text())[name])
-    model.load_state_dict(load_file(str(folder / f"{name}.safetensors")))
+    model.load_state_dict(read_safetensors(folder / f"{name}.safetensors"))
     return model.eval().requires_grad_(False)
 
 
