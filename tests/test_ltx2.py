@@ -1,5 +1,9 @@
 """Parity with diffusers' LTX2VideoTransformer3DModel (LTX-2.3 switches on, random weights, fp32):
 ltx2/convert.py converts it, model.py must give the same video velocity, with and without a TASS reference."""
+import subprocess
+import sys
+from pathlib import Path
+
 import pipeline
 from infra import distributed
 import pytest
@@ -12,6 +16,20 @@ from ltx2.convert import convert_state_dict, dit_config_from_diffusers, load_dit
 diffusers = pytest.importorskip("diffusers", reason="diffusers (the `test` extra) is needed for LTX-2 parity")
 
 B, T, H, W, L = 2, 3, 2, 3, 5
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_diffusers_ltx2_imports_from_the_repository_root():
+    """Issue 16.1: transformers 5 imports Hugging Face's `kernels`; a folder of that name at the root (where the
+    scripts run, first on sys.path) shadowed it and the LTX-2 imports failed."""
+    pytest.importorskip("transformers", reason="the `ltx2` extra (transformers) is needed for LTX-2's text path")
+    code = ("import sys; sys.path.insert(0, '.'); "
+            "from diffusers import LTX2Pipeline, LTX2VideoTransformer3DModel, AutoencoderKLLTX2Video; "
+            "from diffusers.pipelines.ltx2 import LTX2TextConnectors; import transformers, kernels; "
+            "print(kernels.__file__)")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert not Path(run.stdout.strip()).is_relative_to(ROOT), run.stdout  # HF's kernels, not a folder of ours
 
 
 def diffusers_ltx2(rope_type: str, captions: bool):
