@@ -20,6 +20,8 @@ OFFICIAL_RENAMES = [  # official single-file -> diffusers (regex, replacement)
     (r"^prompt_adaln_single\.", "prompt_adaln."),
     (r"\.q_norm\.", ".norm_q."),
     (r"\.k_norm\.", ".norm_k."),
+    (r"\.scale_shift_table_a2v_ca_video$", ".video_a2v_cross_attn_scale_shift_table"),  # audio-video: dropped
+    (r"\.scale_shift_table_a2v_ca_audio$", ".audio_a2v_cross_attn_scale_shift_table"),
 ]
 TOP_LEVEL = {  # diffusers module -> model.py module
     "proj_in": "patchify",

@@ -92,7 +92,9 @@ def test_official_names_and_dropped_audio():
     assert map_key("transformer_blocks.0.ff.net.0.proj.weight") == "blocks.0.ff.0.weight"
     for dropped in ("audio_proj_in.weight", "av_ca_a2v_gate_adaln_single.linear.weight",
                     "transformer_blocks.0.audio_to_video_attn.to_q.weight", "transformer_blocks.0.video_to_audio_norm.x",
-                    "transformer_blocks.0.video_a2v_cross_attn_scale_shift_table"):
+                    "transformer_blocks.0.video_a2v_cross_attn_scale_shift_table",
+                    "model.diffusion_model.transformer_blocks.7.scale_shift_table_a2v_ca_audio",
+                    "model.diffusion_model.transformer_blocks.7.scale_shift_table_a2v_ca_video"):
         assert map_key(official_to_diffusers(dropped)) is None
 
 
@@ -106,24 +108,47 @@ def test_missing_and_unexpected_keys_are_listed():
         convert_state_dict(sd, cfg)
 
 
+# diffusers -> official single-file names: diffusers' scripts/convert_ltx2_to_diffusers.py's renames read backwards,
+# and LTX-2.3's prompt AdaLN (official `prompt_adaln_single`, which diffusers 0.42's single-file converter predates)
+OFFICIAL_NAMES = [("video_a2v_cross_attn_scale_shift_table", "scale_shift_table_a2v_ca_video"),
+                  ("audio_a2v_cross_attn_scale_shift_table", "scale_shift_table_a2v_ca_audio"),
+                  ("av_cross_attn_video_scale_shift", "av_ca_video_scale_shift_adaln_single"),
+                  ("av_cross_attn_video_a2v_gate", "av_ca_a2v_gate_adaln_single"),
+                  ("av_cross_attn_audio_scale_shift", "av_ca_audio_scale_shift_adaln_single"),
+                  ("av_cross_attn_audio_v2a_gate", "av_ca_v2a_gate_adaln_single"),
+                  ("norm_q", "q_norm"), ("norm_k", "k_norm")]
+OFFICIAL_PREFIXES = [("proj_in.", "patchify_proj."), ("audio_proj_in.", "audio_patchify_proj."),
+                     ("time_embed.", "adaln_single."), ("audio_time_embed.", "audio_adaln_single."),
+                     ("prompt_adaln.", "prompt_adaln_single."), ("audio_prompt_adaln.", "audio_prompt_adaln_single.")]
+
+
+def official_name(key: str) -> str:
+    for new, old in OFFICIAL_NAMES:
+        key = key.replace(new, old)
+    for new, old in OFFICIAL_PREFIXES:
+        key = old + key[len(new):] if key.startswith(new) else key
+    return "model.diffusion_model." + key
+
+
 def test_official_single_file_loads_lazily(tmp_path):
-    """An official-layout file (prefix, old names, VAE keys beside the transformer) -> the same model."""
+    """A whole official LTX-2 file (audio branch, audio-video tables, VAE keys beside the transformer) -> the same
+    model as diffusers' layout; the official names are checked against diffusers' own single-file converter."""
+    from diffusers.loaders.single_file_utils import convert_ltx2_transformer_to_diffusers
+
     ref = diffusers_ltx2("split", False)
     cfg, _ = dit_config_from_diffusers(ref.config)
-    official = {}
-    for key, w in ref.state_dict().items():
-        for old, new in (("proj_in.", "patchify_proj."), ("time_embed.", "adaln_single."),
-                         ("prompt_adaln.", "prompt_adaln_single.")):
-            if key.startswith(old):
-                key = new + key[len(old):]
-        key = key.replace(".norm_q.", ".q_norm.").replace(".norm_k.", ".k_norm.")
-        official["model.diffusion_model." + key] = w.contiguous()
+    official = {official_name(k): w.contiguous() for k, w in ref.state_dict().items()}
+    assert any(k.endswith("scale_shift_table_a2v_ca_audio") for k in official)
+    assert any(k.endswith("scale_shift_table_a2v_ca_video") for k in official)
+    back = convert_ltx2_transformer_to_diffusers({k: None for k in official})
+    assert {k.replace("prompt_adaln_single.", "prompt_adaln.") for k in back} == set(ref.state_dict())
     official["vae.per_channel_statistics.mean-of-means"] = torch.zeros(8)
     save_file(official, tmp_path / "ltx.safetensors")
     loaded = load_ltx2(str(tmp_path / "ltx.safetensors"), cfg)
     expected = load_dit(ref.state_dict(), cfg)
-    for (name, a), (_, b) in zip(sorted(loaded.state_dict().items()), sorted(expected.state_dict().items())):
-        assert torch.equal(a, b), name
+    assert loaded.state_dict().keys() == expected.state_dict().keys()
+    for name, a in loaded.state_dict().items():
+        assert torch.equal(a, expected.state_dict()[name]), name
     assert torch.equal(loaded.freqs, expected.freqs)
 
 
