@@ -45,17 +45,21 @@ def resize_center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
     return x[..., top:top + size, left:left + size]
 
 
-def load_image(path: str | os.PathLike, size: int) -> torch.Tensor:
-    """An image file -> [3, size, size] in [-1, 1], with an error that says what to do."""
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """An image file -> uint8 [H, W, 3] RGB, with an error that says what to do."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"reference image not found: {path} (pass an existing PNG/JPEG with --ref)")
     try:
         with Image.open(path) as im:
-            rgb = np.asarray(im.convert("RGB"))
+            return np.asarray(im.convert("RGB"))
     except Exception as e:  # Pillow raises several types for unreadable files
         raise ValueError(f"cannot read {path} as an image ({e}); pass a PNG or JPEG file") from None
-    return resize_center_crop(to_tensor(rgb)[None], size)[0]
+
+
+def load_image(path: str | os.PathLike, size: int) -> torch.Tensor:
+    """An image file -> [3, size, size] in [-1, 1] (resize_center_crop)."""
+    return resize_center_crop(to_tensor(read_image(path))[None], size)[0]
 
 
 # ----------------------------------------------------------------------------- reading video
@@ -157,15 +161,12 @@ class ManifestDataset(torch.utils.data.Dataset):
             idx = frame_indices(len(src), src_fps, self.frames, self.fps, start)
             h, w = src.shape[1:3]
             video = resize_center_crop(to_tensor(src[idx]), self.size)  # [F, 3, S, S]
-            if "reference" in item:
-                ref = load_image(item["reference"], self.size)
-            else:  # in-clip reference: a frame outside the sampled ones when possible
-                ref = resize_center_crop(to_tensor(src[rng.integers(len(src))])[None], self.size)[0]
+            ref_frame = None if "reference" in item else int(rng.integers(len(src)))  # in-clip: any frame of the clip
+            ref_rgb = read_image(item["reference"]) if ref_frame is None else src[ref_frame]
+            ref = resize_center_crop(to_tensor(ref_rgb)[None], self.size)[0]
             out = {"video": video.transpose(0, 1), "ref": ref, "prompt": item["caption"]}
             if "faces" in item:
-                faces = np.load(item["faces"])
-                out["landmarks"] = crop_landmarks(torch.from_numpy(faces["landmarks"][idx]).float(), h, w, self.size)
-                out["face_present"] = torch.from_numpy(faces["present"][idx]).bool()
+                out.update(face_fields(np.load(item["faces"]), idx, ref_frame, (h, w), ref_rgb.shape[:2], self.size))
             if "prompt_embeds" in item:
                 out["prompt_embeds"], out["prompt_attention_mask"] = load_prompt_embeds(item["prompt_embeds"])
                 empty = item["empty_prompt_embeds"]
@@ -175,6 +176,23 @@ class ManifestDataset(torch.utils.data.Dataset):
             return out
         except Exception as e:  # a broken file must never stop an epoch
             return {"error": f"{item['video']}: {e}"}
+
+
+def face_fields(faces, idx: list[int], ref_frame: int | None, hw: tuple[int, int], ref_hw: tuple[int, int],
+                size: int) -> dict:
+    """A clip's `.faces.npz` (python -m interop.scrfd) -> its sampled frames' `landmarks` [F, 5, 2] and
+    `face_present` [F] in crop pixels, and the reference's `ref_landmarks` [5, 2] and `ref_present`: from
+    frame `ref_frame` for an in-clip reference, else the file's `ref_landmarks` (absent from files written
+    before interop.scrfd detected references: then the batch has none)."""
+    out = {"landmarks": crop_landmarks(torch.from_numpy(faces["landmarks"][idx]).float(), *hw, size),
+           "face_present": torch.from_numpy(faces["present"][idx]).bool()}
+    if ref_frame is not None:
+        out["ref_landmarks"] = crop_landmarks(torch.from_numpy(faces["landmarks"][ref_frame]).float(), *hw, size)
+        out["ref_present"] = torch.tensor(bool(faces["present"][ref_frame]))
+    elif "ref_landmarks" in faces:
+        out["ref_landmarks"] = crop_landmarks(torch.from_numpy(faces["ref_landmarks"]).float(), *ref_hw, size)
+        out["ref_present"] = torch.tensor(bool(faces["ref_present"]))
+    return out
 
 
 def crop_landmarks(lm: torch.Tensor, h: int, w: int, size: int) -> torch.Tensor:
@@ -193,7 +211,7 @@ def collate(items: list[dict]) -> dict:
     batch = {"skipped": len(errors), "errors": errors}
     if good:
         padded = {k for pair in TEXT_PAIRS for k in pair}
-        for key in good[0]:
+        for key in (k for k in good[0] if all(k in it for it in good)):  # fields every item has
             vals = [it[key] for it in good]
             if key not in padded:
                 batch[key] = vals if isinstance(vals[0], str) else torch.stack(vals)

@@ -149,10 +149,20 @@ def sample_t(batch: int, mu: float, g: torch.Generator, dist: str = "logit-norma
     return shift_time(torch.sigmoid(torch.randn(batch, generator=g)), mu)
 
 
+def check_face_fields(batch) -> None:
+    """The identity loss needs the clip's and the reference's landmarks: one-line SystemExit when a batch lacks them."""
+    missing = [k for k in ("landmarks", "ref_landmarks") if k not in batch]
+    if missing:
+        raise SystemExit(f"train.py: the identity loss (--face-model) needs face landmarks of the clips and of their "
+                         f"references, this batch has no {' or '.join(missing)}: run `python -m interop.scrfd "
+                         f"--manifest M` and train on the manifest it writes")
+
+
 def face_terms(cfg, pipe, embedder, z_t, t, v, batch, keep_ref):
     """L_id and L_tic on the clean estimate (Sec. 3.3): decode the first id_frames latent
     frames of z^_0 with the frozen VAE, align with the clip's landmarks, embed."""
 
+    check_face_fields(batch)
     z0_hat = clean_estimate(z_t, t, v)[:, :, : cfg.id_frames]
     if cfg.grad_checkpoint:  # recompute the decoder's activations in the backward pass
         x = torch.utils.checkpoint.checkpoint(pipe.vae.decode, z0_hat, use_reentrant=False)
@@ -164,6 +174,8 @@ def face_terms(cfg, pipe, embedder, z_t, t, v, batch, keep_ref):
         e_ref = embed_faces(embedder, batch["ref"], batch["ref_landmarks"])  # the UNaugmented reference
     m = batch.get("face_present", torch.ones(B, Fp, dtype=torch.bool, device=x.device))[:, :Fp]
     m = m & keep_ref[:, None]  # no reference, no identity to keep
+    if "ref_present" in batch:  # no face found in the reference: nothing to compare with
+        m = m & batch["ref_present"][:, None].to(m.device)
     return identity_loss(e, e_ref, m), temporal_identity_loss(e, m)
 
 
