@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from fused import rope_attention
-from rope import (apply_rope, ltx2_positions, ltx2_rope_frequencies, reference_positions, rope_frequencies,
-                  video_positions)
+from rope import (LTX2_MAX_LATENT_HW, apply_rope, ltx2_positions, ltx2_rope_frequencies, reference_positions,
+                  rope_frequencies, video_positions)
 
 
 @dataclass
@@ -244,9 +244,15 @@ class DiT(nn.Module):
         emb = self.prompt_t_embedder(timestep_embedding(t).to(self.patchify.weight.dtype))
         return self.prompt_adaln(emb).unflatten(-1, (2, -1))
 
-    def rope_positions(self, latent_pos: torch.Tensor) -> torch.Tensor:
-        """Latent-grid positions (t, i, j) -> the positions the RoPE table expects."""
-        return ltx2_positions(latent_pos, self.cfg.fps) if self.cfg.rope == "ltx2" else latent_pos
+    def rope_positions(self, T: int, H: int, W: int, reference: bool) -> torch.Tensor:
+        """The video's (or the reference's, Sec. 3.2) positions, as the RoPE table expects them: the latent grid,
+        or for rope="ltx2" LTX-2's coordinates (the reference as an appended single image, kept in range)."""
+        if self.cfg.rope != "ltx2":
+            return reference_positions(T, H, W, self.cfg.ref_mode) if reference else video_positions(T, H, W)
+        if not reference:
+            return ltx2_positions(video_positions(T, H, W), self.cfg.fps)
+        latent = reference_positions(T, H, W, self.cfg.ref_mode, max_hw=LTX2_MAX_LATENT_HW)
+        return ltx2_positions(latent, self.cfg.fps, single_frame=True)
 
     def forward(self, z_t, t, y, y_mask, z_ref=None, ref_keep=None):
         """Predict the velocity v for the video latents.
@@ -258,18 +264,18 @@ class DiT(nn.Module):
         """
         B, C, T, H, W = z_t.shape
         x = self.patchify(z_t.flatten(2).transpose(1, 2))  # [B, T*H*W, D]
-        pos = video_positions(T, H, W)
+        pos = self.rope_positions(T, H, W, reference=False)
         emb_t, mod_t = self.timestep_modulation(t)
         lens, mods, kv_len = [x.shape[1]], mod_t[:, None], None
         if z_ref is not None:
             r = self.patchify(z_ref.reshape(B, C, H * W).transpose(1, 2))  # [B, H*W, D]
             x = torch.cat([x, r], dim=1)  # z~_t = [z_t, z_ref] along time (Sec. 3.1)
-            pos = torch.cat([pos, reference_positions(T, H, W, self.cfg.ref_mode)])  # Sec. 3.2
+            pos = torch.cat([pos, self.rope_positions(T, H, W, reference=True)])  # Sec. 3.2
             _, mod_ref = self.timestep_modulation(torch.zeros_like(t))  # the reference is clean: t = 0
             lens, mods = lens + [H * W], torch.stack([mod_t, mod_ref], dim=1)
             keep = torch.ones(B, dtype=torch.bool, device=x.device) if ref_keep is None else ref_keep
             kv_len = (lens[0] + keep.long() * lens[1]).to(torch.int32)
-        pos = self.rope_positions(pos).to(x.device)
+        pos = pos.to(x.device)
         if self.cfg.caption_projection:
             y = self.caption_projection(y)
         y_mod = self.prompt_modulation(t)  # the text is modulated by the video's t, reference or not

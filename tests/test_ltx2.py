@@ -43,12 +43,25 @@ def diffusers_ltx2(rope_type: str, captions: bool):
     ).eval()
 
 
-def reference_coords(ref, fps):
-    """The reference's boxes in diffusers' own coordinates: latent frame T of a (T+1) x 2H x 2W grid,
-    rows H.., columns W.. — TASS's (T, H+i, W+j), computed without model.py or rope.py."""
-    grid = ref.rope.prepare_video_coords(B, T + 1, 2 * H, 2 * W, torch.device("cpu"), fps=fps)
-    grid = grid.unflatten(2, (T + 1, 2 * H, 2 * W))
-    return grid[:, :, T, H:, W:].flatten(2, 3)
+def keyframe_coords(T_ref: int, H: int, W: int, fps: float, shift=(0, 0)) -> torch.Tensor:
+    """An appended single image's pixel boxes [1, 3, H*W, 2] as diffusers' LTX-2 in-context pipeline builds them
+    (_prepare_keyframe_coords: latent frame T_ref, one pixel frame, no causal shift), shifted by `shift` latent
+    rows and columns (TASS: the video's H and W), computed without model.py or rope.py."""
+    from types import SimpleNamespace
+
+    from diffusers.pipelines.ltx2.pipeline_ltx2_ic_lora import LTX2InContextPipeline
+
+    pipe = SimpleNamespace(transformer_spatial_patch_size=1, transformer_temporal_patch_size=1,
+                           vae_temporal_compression_ratio=8, vae_spatial_compression_ratio=32)
+    coords = LTX2InContextPipeline._prepare_keyframe_coords(pipe, 1, H, W, pixel_frame_idx=(T_ref - 1) * 8 + 1,
+                                                            num_pixel_frames=1, fps=fps, device=torch.device("cpu"))
+    coords[:, 1:] += 32 * torch.tensor(shift, dtype=coords.dtype)[None, :, None, None]
+    return coords
+
+
+def reference_coords(fps):
+    """The TASS reference in diffusers' coordinates: the keyframe after the clip, shifted by (H, W) latents."""
+    return keyframe_coords(T, H, W, fps, shift=(H, W)).expand(B, -1, -1, -1)
 
 
 @pytest.mark.parametrize("rope_type,captions", [("split", False), ("interleaved", True)])
@@ -74,13 +87,32 @@ def test_video_velocity_matches_diffusers(rope_type, captions):
                 own = ref.rope.prepare_video_coords(B, T, H, W, torch.device("cpu"), fps=cfg.fps)
                 tokens = torch.cat([video, z_ref.flatten(2).transpose(1, 2)], dim=1)
                 ts = torch.cat([ts, torch.zeros(B, H * W)], dim=1)  # the reference is clean
-                coords = torch.cat([own, reference_coords(ref, cfg.fps)], dim=2)
+                coords = torch.cat([own, reference_coords(cfg.fps)], dim=2)
             expected = ref(hidden_states=tokens, encoder_hidden_states=y, timestep=ts, sigma=1000 * t,
                            encoder_attention_mask=y_mask.float(), num_frames=T, height=H, width=W, fps=cfg.fps,
                            video_coords=coords, isolate_modalities=True, return_dict=False, **audio)[0][:, :n]
             got = model(z_t, t, y, y_mask, z_ref=z_ref if with_ref else None).flatten(2).transpose(1, 2)
             err = (got - expected).abs().max() / expected.abs().max()
             assert err <= 1e-4, f"with_ref={with_ref}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("side", [512, 1024, 1536])
+def test_reference_positions_follow_ltx2_keyframes_and_stay_in_range(side):
+    """Issue 16.5: model.py's reference coordinates are diffusers' keyframe coordinates (box centres, / (20 s, 2048,
+    2048), 2p - 1); the TASS shift keeps them inside LTX-2's range [-1, 1]: the full (H, W) up to 1024 px a side,
+    above it 2048 / 32 - H latents."""
+    from model import DiT, DiTConfig
+
+    n = side // 32
+    shift = min(n, 64 - n)
+    boxes = keyframe_coords(4, n, n, 24.0, shift=(shift, shift))[0]
+    expected = (boxes.mean(-1) / torch.tensor([20.0, 2048.0, 2048.0])[:, None] * 2 - 1).T
+    with torch.device("meta"):
+        dit = DiT(DiTConfig(in_channels=8, dim=48, depth=1, heads=2, text_dim=48, rope="ltx2", fps=24.0))
+    got = dit.rope_positions(4, n, n, reference=True)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    assert got[:, 1:].max() <= 1 and got[:, 1:].min() > -1
+    assert shift == n if side <= 1024 else shift < n
 
 
 def test_official_names_and_dropped_audio():
