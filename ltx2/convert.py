@@ -108,6 +108,11 @@ def interleaved_to_split(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.unflatten(0, (heads, -1, 2)).transpose(1, 2).flatten(0, 2)
 
 
+def split_to_interleaved(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """The inverse of interleaved_to_split: each head's channels from (0, 2, ..., 1, 3, ...) back to (0, 1, 2, ...)."""
+    return w.unflatten(0, (heads, 2, -1)).transpose(1, 2).flatten(0, 2)
+
+
 def convert_state_dict(checkpoint: Mapping, cfg: DiTConfig, rope_type: str = "split") -> dict:
     """An LTX-2.3 transformer state dict (diffusers or official names; tensors read lazily, one at a
     time) -> model.py's state dict for `cfg`. Raises one ValueError listing missing and unexpected keys."""

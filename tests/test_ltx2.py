@@ -64,11 +64,10 @@ def reference_coords(fps):
     return keyframe_coords(T, H, W, fps, shift=(H, W)).expand(B, -1, -1, -1)
 
 
-@pytest.mark.parametrize("rope_type,captions", [("split", False), ("interleaved", True)])
-def test_video_velocity_matches_diffusers(rope_type, captions):
-    ref = diffusers_ltx2(rope_type, captions)
-    cfg, layout = dit_config_from_diffusers(ref.config)
-    model = load_dit(ref.state_dict(), cfg, layout).eval()
+def assert_same_video_velocity(ref, model, captions: bool):
+    """diffusers' transformer `ref` (audio isolated) and model.py's `model` give the same video velocity, with and
+    without a TASS reference frame placed in diffusers' own coordinates."""
+    cfg = model.cfg
     g = torch.Generator().manual_seed(1)
     z_t = torch.randn(B, 8, T, H, W, generator=g)
     z_ref = torch.randn(B, 8, H, W, generator=g)
@@ -94,6 +93,39 @@ def test_video_velocity_matches_diffusers(rope_type, captions):
             got = model(z_t, t, y, y_mask, z_ref=z_ref if with_ref else None).flatten(2).transpose(1, 2)
             err = (got - expected).abs().max() / expected.abs().max()
             assert err <= 1e-4, f"with_ref={with_ref}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("rope_type,captions", [("split", False), ("interleaved", True)])
+def test_video_velocity_matches_diffusers(rope_type, captions):
+    ref = diffusers_ltx2(rope_type, captions)
+    cfg, layout = dit_config_from_diffusers(ref.config)
+    assert_same_video_velocity(ref, load_dit(ref.state_dict(), cfg, layout).eval(), captions)
+
+
+def test_export_is_the_inverse_of_the_converter(tmp_path):
+    """Issue 16.10: a DiT changed here (every weight moved), exported on top of an interleaved LTX-2.3 checkpoint,
+    loads in diffusers as the same video model; the audio branch is the base's; convert(export(x)) == x."""
+    from ltx2.export import export_transformer
+
+    base = diffusers_ltx2("interleaved", True)
+    base.save_pretrained(tmp_path / "base")
+    cfg, layout = dit_config_from_diffusers(base.config)
+    model = load_dit(base.state_dict(), cfg, layout).eval()
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    export_transformer(model.state_dict(), tmp_path / "base", tmp_path / "out")
+    back = diffusers.LTX2VideoTransformer3DModel.from_pretrained(tmp_path / "out").eval()
+    assert_same_video_velocity(back, model, captions=True)
+    for key, w in back.state_dict().items():
+        if map_key(key) is None:  # the audio branch and the audio-video parts: copied
+            assert torch.equal(w, base.state_dict()[key]), key
+    for name, w in load_dit(back.state_dict(), cfg, layout).state_dict().items():
+        assert torch.equal(w, model.state_dict()[name]), name
+    with pytest.raises(ValueError, match=r"1 of its keys missing \['blocks.1.ff.2.bias'\]"):
+        export_transformer({k: v for k, v in model.state_dict().items() if k != "blocks.1.ff.2.bias"},
+                           tmp_path / "base", tmp_path / "bad")
 
 
 @pytest.mark.parametrize("side", [512, 1024, 1536])
@@ -318,6 +350,14 @@ def test_ltx2_init_trains_and_samples(ltx2_world, tmp_path, capsys):
     train.train(train.parse_args(args + ["--steps", "2", "--resume"]))  # a second one, rebuilt from its checkpoint
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+
+    from infra import checkpoint
+    from ltx2.__main__ import main as ltx2_main
+    assert ltx2_main(["export", "--ckpt", str(run), "--base", str(root / "pipe"), "--out", str(tmp_path / "exp")]) == 0
+    trained, _ = checkpoint.load(checkpoint.resolve(run))  # the trained DiT back from diffusers' layout
+    exported = load_ltx2(str(tmp_path / "exp" / "diffusion_pytorch_model.safetensors"), cfg)
+    assert all(torch.equal(w, trained.dit.state_dict()[k]) for k, w in exported.state_dict().items())
+    assert not torch.equal(trained.dit.patchify.weight, transformer.proj_in.weight)  # it did train
 
     embeds = str(root / "embeds" / "prompt_000000.safetensors")
     loaded = sample.load_pipeline(sample.parse_args(["--ckpt", str(root / "pipe"), "--size", "16", "--frames", "9",
