@@ -1,5 +1,6 @@
 """Parity with diffusers' LTX2VideoTransformer3DModel (LTX-2.3 switches on, random weights, fp32):
 ltx2/convert.py converts it, model.py must give the same video velocity, with and without a TASS reference."""
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -266,6 +267,77 @@ def test_encode_prompts_without_gemma_is_one_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"no Gemma weights at {tmp_path / 'gemma'}" in err
     assert "text_encoder/" in err and "connectors/" in err
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma(tmp_path_factory):
+    """A diffusers LTX-2.3 pipeline folder with only the prompt path: a tiny random Gemma 3, a Gemma tokenizer
+    (characters), the LTX-2.3 text connectors (per-modality projections, gated attention; video width 32, the
+    tiny transformer's), written by LTX2Pipeline.save_pretrained; and that pipeline, the reference."""
+    transformers = pytest.importorskip("transformers", reason="the `ltx2` extra (transformers) runs Gemma")
+    from diffusers.pipelines.ltx2 import LTX2TextConnectors
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<mask>": 4, "\u2581": 5,
+             **{c: 6 + k for k, c in enumerate("abcdefghijklmnopqrstuvwxyz")}}
+    tokenizer = transformers.GemmaTokenizer(vocab=vocab, merges=[], padding_side="left")
+    text = transformers.Gemma3TextConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                                         max_position_embeddings=64, sliding_window=4)
+    vision = transformers.SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=16, patch_size=8)
+    torch.manual_seed(3)
+    gemma = transformers.Gemma3ForConditionalGeneration(
+        transformers.Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4))
+    connectors = LTX2TextConnectors(
+        caption_channels=16, text_proj_in_factor=3, video_connector_num_attention_heads=2,
+        video_connector_attention_head_dim=16, video_connector_num_layers=1, video_connector_num_learnable_registers=4,
+        video_gated_attn=True, audio_connector_num_attention_heads=2, audio_connector_attention_head_dim=8,
+        audio_connector_num_layers=1, audio_connector_num_learnable_registers=4, audio_gated_attn=True,
+        connector_rope_base_seq_len=64, per_modality_projections=True, video_hidden_dim=32, audio_hidden_dim=16)
+    pipe = diffusers.LTX2Pipeline(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=None, audio_vae=None,
+                                  text_encoder=gemma.eval(), tokenizer=tokenizer, connectors=connectors.eval(),
+                                  transformer=None, vocoder=None)
+    root = tmp_path_factory.mktemp("gemma")
+    pipe.save_pretrained(root / "pipe")
+    return root / "pipe", pipe
+
+
+@torch.no_grad()
+def diffusers_prompt(pipe, prompt: str, max_length: int):
+    """LTX2Pipeline.__call__'s prompt path: encode_prompt, then the connectors' video output and mask."""
+    emb, mask, _, _ = pipe.encode_prompt(prompt, do_classifier_free_guidance=False, max_sequence_length=max_length,
+                                         device="cpu")
+    video, _, video_mask = pipe.connectors(emb, mask, padding_side="left")
+    return video[0], video_mask[0].bool()
+
+
+def test_gemma_encoder_matches_ltx2_pipeline(tiny_gemma, tmp_path):
+    """Issue 16.4: ltx2.gemma_encoder and `python -m ltx2 encode-prompts` on a saved tiny pipeline folder give
+    diffusers' LTX2Pipeline prompt embeddings (Gemma 3's hidden states of every layer -> the video connector)."""
+    from ltx2.__main__ import main
+    from ltx2.gemma import gemma_encoder
+    from text import EMPTY_EMBEDS, load_prompt_embeds
+
+    folder, pipe = tiny_gemma
+    encode = gemma_encoder(folder, "cpu", max_length=16)
+    for prompt in ("a person nods on the beach", ""):
+        emb, mask = encode(prompt)
+        expected, expected_mask = diffusers_prompt(pipe, prompt, 16)
+        assert emb.shape == (16, 32)
+        torch.testing.assert_close(emb, expected, rtol=1e-5, atol=1e-6)
+        assert torch.equal(mask, expected_mask)
+    captions = ["a person turns left", "a person nods in the snow"]
+    (tmp_path / "m.jsonl").write_text("".join(f'{{"video": "c{k}.gif", "caption": "{c}"}}\n' for k, c in enumerate(captions)))
+    assert main(["encode-prompts", "--manifest", str(tmp_path / "m.jsonl"), "--gemma", str(folder), "--max-length", "16",
+                 "--device", "cpu"]) == 0
+    lines = [json.loads(line) for line in (tmp_path / "m.embeds.jsonl").read_text().splitlines()]
+    for line, caption in zip(lines, captions):
+        emb, mask = load_prompt_embeds(tmp_path / line["prompt_embeds"])
+        expected, expected_mask = diffusers_prompt(pipe, caption, 16)
+        torch.testing.assert_close(emb, expected, rtol=1e-5, atol=1e-6)
+        assert torch.equal(mask, expected_mask)
+    torch.testing.assert_close(load_prompt_embeds(tmp_path / "prompt_embeds" / EMPTY_EMBEDS)[0],
+                               diffusers_prompt(pipe, "", 16)[0], rtol=1e-5, atol=1e-6)
 
 
 def fake_encoder(width: int):
