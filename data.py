@@ -299,6 +299,13 @@ def contact_sheet(rows: list[tuple[torch.Tensor, torch.Tensor, str]], scale: int
 
 # ----------------------------------------------------------------------------- the synthetic world
 
+def portrait_framing(n: int = 64, size: int = 64, seed: int = 0) -> torch.Tensor:
+    """Where the five landmarks of an ID-photo reference sit (the synthetic world's portrait references: face
+    centred at a fixed size; their mean over n), as fractions of the side [5, 2]: faces.crop_face's framing."""
+    refs = synth_batch(n, size, 1, torch.Generator().manual_seed(seed), "portrait")
+    return ((refs["ref_landmarks"] + 0.5) / size).mean(0)
+
+
 def synth_batch(batch: int, size: int, frames: int, generator: torch.Generator, ref_source: str = "cross",
                 device="cpu", split: str = "train") -> dict:
     """A batch of the synthetic world (synth.py): clips, references, prompts, landmarks.

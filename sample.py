@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from data import contact_sheet, load_image, save_video
+from data import contact_sheet, load_image, portrait_framing, read_image, save_video, to_tensor
+from faces import crop_face
 from infra import checkpoint
 from infra.cli import add_flags, config_from, flag
 from ltx2.convert import LTX2_FPS, build_pipeline, find_transformer
@@ -24,6 +25,7 @@ from pipeline import Pipeline, encode_text, generate, load_text
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEFAULT_CKPT = ASSETS / "stdrc-demo"
+SYNTH_FACE_THRESHOLD = 0.5  # the synthetic detector's score above which there is a face (evaluate.FACE_THRESHOLD)
 
 
 @dataclass
@@ -48,6 +50,11 @@ class SampleConfig:
     s_ref: float = flag(7.5, "reference guidance scale s_r")
     steps: int = flag(30, "Euler steps")
     seed: int = flag(0, "noise seed")
+    ref_crop: bool = flag(False, "--ref is a photo: detect its largest face (InsightFace SCRFD when the buffalo_l pack "
+                                 "is found, else the synthetic world's detector) and crop it to the ID-photo framing "
+                                 "of the synthetic world's portrait references")
+    face_models: str = flag("", "folder of the InsightFace buffalo_l pack (det_10g.onnx) for --ref-crop (empty: "
+                                "STDRC_FACE_MODELS or InsightFace's default folder)")
     device: str = flag("cpu", "cpu or cuda")
     attn: str = flag("torch", "attention backend: torch, or triton (needs a GPU)")
 
@@ -69,14 +76,53 @@ def load_pipeline(args: SampleConfig) -> Pipeline:
     return pipe.check().to(args.device)
 
 
+def detect_faces(image: torch.Tensor, face_models: str) -> torch.Tensor:
+    """Every face's 5 landmarks [K, 5, 2] in an image [3, H, W] in [-1, 1]: InsightFace SCRFD when its pack is
+    found (or named by --face-models), else the synthetic world's detector (one face at most)."""
+    try:
+        from interop.scrfd import FaceDetector
+        detector = FaceDetector(face_models or None)
+    except (ImportError, FileNotFoundError):
+        if face_models:
+            raise
+        from world.face_nets import load_synth_detector
+        print("sample.py: --ref-crop: no InsightFace pack found, the synthetic world's face detector crops the reference",
+              file=sys.stderr)
+        landmarks, score = load_synth_detector().detect_batch(image[None])
+        return landmarks[score > SYNTH_FACE_THRESHOLD]
+    return torch.stack([torch.as_tensor(kps, dtype=torch.float32) for _, kps, _ in detector.detect(image)] or
+                       [torch.zeros(0, 5, 2)]).reshape(-1, 5, 2)
+
+
+def load_reference(args: SampleConfig, size: int) -> torch.Tensor | None:
+    """--ref as [3, size, size]: the image centre-cropped, or with --ref-crop its largest face in the ID-photo framing."""
+    if args.no_ref:
+        return None
+    if not args.ref_crop:
+        return load_image(args.ref, size)
+    image = to_tensor(read_image(args.ref))
+    faces = detect_faces(image, args.face_models)
+    if not len(faces):
+        raise ValueError(f"no face found in {args.ref}: pass a photo with a face, or drop --ref-crop")
+    return crop_face(image, faces, portrait_framing(), size)
+
+
+def bundled_model_note(args: SampleConfig) -> None:
+    """One line when the bundled synthetic-world model is given a reference of someone else's."""
+    if Path(args.ckpt) == DEFAULT_CKPT and not args.no_ref and Path(args.ref).resolve() != ASSETS / "reference.png":
+        print("sample.py: the bundled model knows only the synthetic world's faces; a real person's identity is "
+              "outside what it learned", file=sys.stderr)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if Path(args.ckpt) == DEFAULT_CKPT and not (DEFAULT_CKPT / "model.safetensors").is_file():
         print(f"sample.py: no trained model is bundled at {DEFAULT_CKPT}; train one (README, 'Training') and pass --ckpt", file=sys.stderr)
         return 2
+    bundled_model_note(args)
     try:
         pipe = load_pipeline(args)
-        ref = None if args.no_ref else load_image(args.ref, pipe.size)
+        ref = load_reference(args, pipe.size)
         text = load_text(pipe, args.prompt_embeds, args.empty_embeds) if args.prompt_embeds else encode_text(pipe, args.prompt)
     except (FileNotFoundError, ValueError) as e:
         print(f"sample.py: {e}", file=sys.stderr)

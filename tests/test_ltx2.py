@@ -481,3 +481,55 @@ def test_fsdp_shards_bf16_ltx2_weights_without_an_fp32_copy(ltx2_world, tmp_path
         assert torch.equal(trained.dit.freqs, rope_table(trained.dit.cfg))
     finally:
         dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- a user's photo as the reference
+
+def place(image: torch.Tensor, canvas: torch.Tensor, scale: float, top: int, left: int) -> None:
+    """Paste `image` [3, S, S] resized by `scale` into `canvas` at (top, left)."""
+    side = round(image.shape[-1] * scale)
+    canvas[:, top:top + side, left:left + side] = torch.nn.functional.interpolate(
+        image[None], size=(side, side), mode="bilinear", antialias=True, align_corners=False)[0]
+
+
+def test_crop_face_takes_the_largest_face_into_the_framing():
+    """Issue 16.8: a photo with two portraits (x1.5 and x0.5) -> the larger one's crop in its own framing is the
+    portrait again; landmarks move with the paste: (x + 0.5) k - 0.5 + offset."""
+    import data
+    from faces import crop_face
+
+    refs = data.synth_batch(2, 64, 1, torch.Generator().manual_seed(1), "portrait")
+    photo = torch.ones(3, 128, 160)
+    place(refs["ref"][0], photo, 1.5, 20, 40)
+    place(refs["ref"][1], photo, 0.5, 4, 4)
+    moved = [(refs["ref_landmarks"][b] + 0.5) * k - 0.5 + torch.tensor([left, top])
+             for b, k, top, left in ((1, 0.5, 4, 4), (0, 1.5, 20, 40))]
+    framing = (refs["ref_landmarks"][0] + 0.5) / 64
+    crop = crop_face(photo, torch.stack(moved), framing, 64)
+    assert (crop - refs["ref"][0]).abs().mean() < 0.03
+    assert (crop_face(photo, torch.stack(moved[::-1]), framing, 64) == crop).all()  # the order does not matter
+
+
+def test_sample_crops_a_photo_with_the_bundled_model(tmp_path, monkeypatch, capsys):
+    """--ref-crop without the InsightFace pack: the synthetic world's detector finds the face in a larger photo;
+    the bundled model says in one line that it knows only the synthetic world's faces."""
+    import data
+    import sample
+
+    if not (sample.DEFAULT_CKPT / "model.safetensors").is_file():
+        pytest.skip("no bundled model")
+    monkeypatch.setenv("STDRC_FACE_MODELS", str(tmp_path / "no-pack"))
+    refs = data.synth_batch(1, 64, 1, torch.Generator().manual_seed(2), "portrait")
+    photo = torch.ones(3, 96, 120)
+    place(refs["ref"][0], photo, 1.25, 8, 30)
+    from PIL import Image
+    Image.fromarray(data.to_uint8(photo)).save(tmp_path / "photo.png")
+    assert sample.main(["--ref", str(tmp_path / "photo.png"), "--ref-crop", "--steps", "1",
+                        "--out", str(tmp_path / "v.gif")]) == 0
+    err = capsys.readouterr().err
+    assert "the bundled model knows only the synthetic world's faces" in err
+    assert "the synthetic world's face detector crops the reference" in err
+    blank = tmp_path / "blank.png"
+    Image.fromarray(data.to_uint8(torch.ones(3, 64, 64))).save(blank)
+    assert sample.main(["--ref", str(blank), "--ref-crop", "--steps", "1", "--out", str(tmp_path / "w.gif")]) == 2
+    assert f"no face found in {blank}" in capsys.readouterr().err
