@@ -48,6 +48,10 @@ class SampleConfig:
     fps: float = flag(0.0, "frame rate (0: the checkpoint's; LTX-2.3: 24)")
     s_text: float = flag(5.0, "text guidance scale s_y")
     s_ref: float = flag(7.5, "reference guidance scale s_r")
+    stg_scale: float = flag(0.0, "spatio-temporal guidance scale (LTX-2: 1.0; 0: off): s_stg (v_c - v_stg), v_stg the "
+                                  "fully conditioned stream with self-attention skipped in --stg-blocks")
+    stg_blocks: list = flag([28], "DiT blocks whose self-attention STG skips (LTX2Pipeline's default: 28)")
+    guidance_rescale: float = flag(0.0, "guidance rescale phi on the clean estimate (LTX-2: 0.7; 0: off)")
     steps: int = flag(30, "Euler steps")
     seed: int = flag(0, "noise seed")
     ref_crop: bool = flag(False, "--ref is a photo: detect its largest face (InsightFace SCRFD when the buffalo_l pack "
@@ -107,6 +111,16 @@ def load_reference(args: SampleConfig, size: int) -> torch.Tensor | None:
     return crop_face(image, faces, portrait_framing(), size)
 
 
+def stg_blocks(args: SampleConfig, depth: int) -> tuple[int, ...]:
+    """--stg-blocks as block indices of a DiT of `depth` blocks (none when --stg-scale is 0)."""
+    if not args.stg_scale:
+        return ()
+    blocks = tuple(int(b) for b in args.stg_blocks)
+    if not all(0 <= b < depth for b in blocks):
+        raise ValueError(f"--stg-blocks {list(blocks)}: the DiT has blocks 0..{depth - 1}")
+    return blocks
+
+
 def bundled_model_note(args: SampleConfig) -> None:
     """One line when the bundled synthetic-world model is given a reference of someone else's."""
     if Path(args.ckpt) == DEFAULT_CKPT and not args.no_ref and Path(args.ref).resolve() != ASSETS / "reference.png":
@@ -124,12 +138,14 @@ def main(argv=None) -> int:
         pipe = load_pipeline(args)
         ref = load_reference(args, pipe.size)
         text = load_text(pipe, args.prompt_embeds, args.empty_embeds) if args.prompt_embeds else encode_text(pipe, args.prompt)
+        blocks = stg_blocks(args, pipe.dit.cfg.depth)
     except (FileNotFoundError, ValueError) as e:
         print(f"sample.py: {e}", file=sys.stderr)
         return 2
     pipe.dit.cfg.attn_backend = args.attn
     start = time.perf_counter()
-    video = generate(pipe, ref, args.prompt, args.s_text, args.s_ref, args.steps, args.seed, text=text)
+    video = generate(pipe, ref, args.prompt, args.s_text, args.s_ref, args.steps, args.seed, text=text,
+                     s_stg=args.stg_scale, stg_blocks=blocks, rescale=args.guidance_rescale)
     out = Path(args.out)
     save_video(out, video, pipe.fps)
     sheet = Path(args.sheet) if args.sheet else out.with_name(out.stem + "_sheet.png")

@@ -178,6 +178,21 @@ def load_ltx2(path: str | os.PathLike | list, cfg: DiTConfig = PRESETS["ltx2-vid
 # ----------------------------------------------------------------------------- the pipeline
 
 LTX2_SIZE, LTX2_FRAMES, LTX2_FPS = 512, 121, 24.0  # defaults: LTX-2's 121 frames at 24 fps; square frames
+LTX2_SCHEDULER = {"use_dynamic_shifting": True, "base_shift": 0.95, "max_shift": 2.05, "base_image_seq_len": 1024,
+                  "max_image_seq_len": 4096, "shift_terminal": 0.1}  # LTX-2.3's shipped scheduler config
+
+
+def scheduler_terminal(folder: str | os.PathLike) -> float:
+    """shift_terminal of the scheduler config beside an LTX-2.3 transformer (a pipeline folder's scheduler/), else
+    LTX-2.3's; a config whose dynamic shift differs from guidance.shift_for_tokens' (LTX-2.3's) is refused."""
+    p = Path(folder)
+    found = [f for f in (p / "scheduler", p.parent / "scheduler") if (f / "scheduler_config.json").is_file()]
+    config = {**LTX2_SCHEDULER, **(json.loads((found[0] / "scheduler_config.json").read_text()) if found else {})}
+    wrong = {k: config[k] for k, v in LTX2_SCHEDULER.items() if k != "shift_terminal" and config[k] != v}
+    if wrong:
+        raise ValueError(f"{found[0]}: scheduler settings {wrong} differ from LTX-2.3's {LTX2_SCHEDULER}, which the "
+                         f"sampler (guidance.shift_for_tokens) follows")
+    return float(config["shift_terminal"] or 0.0)
 
 
 def find_transformer(path: str | os.PathLike) -> tuple[list[Path], dict | None] | None:
@@ -224,4 +239,5 @@ def build_pipeline(transformer: str | os.PathLike, vae: str | os.PathLike = "", 
                          f"the transformer {cfg.in_channels}")
     dit = load_ltx2(files, cfg, rope_type)
     dit = dit if dtype is None else dit.to(dtype)
-    return Pipeline(autoencoder, None, dit, size or LTX2_SIZE, frames or LTX2_FRAMES, fps).check()
+    return Pipeline(autoencoder, None, dit, size or LTX2_SIZE, frames or LTX2_FRAMES, fps,
+                    scheduler_terminal(transformer)).check()

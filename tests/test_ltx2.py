@@ -33,14 +33,14 @@ def test_diffusers_ltx2_imports_from_the_repository_root():
     assert not Path(run.stdout.strip()).is_relative_to(ROOT), run.stdout  # HF's kernels, not a folder of ours
 
 
-def diffusers_ltx2(rope_type: str, captions: bool):
+def diffusers_ltx2(rope_type: str, captions: bool, **extra):
     torch.manual_seed(0)
-    return diffusers.LTX2VideoTransformer3DModel(
+    return diffusers.LTX2VideoTransformer3DModel(**extra,
         in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=16, cross_attention_dim=32,
         caption_channels=24 if captions else 32, use_prompt_embeddings=captions, num_layers=2,
         gated_attn=True, cross_attn_mod=True, rope_type=rope_type,
-        audio_in_channels=4, audio_out_channels=4, audio_num_attention_heads=2, audio_attention_head_dim=8,
-        audio_cross_attention_dim=16,
+        audio_in_channels=4, audio_out_channels=4, audio_num_attention_heads=2, audio_attention_head_dim=4,
+        audio_cross_attention_dim=8,
     ).eval()
 
 
@@ -77,7 +77,7 @@ def assert_same_video_velocity(ref, model, captions: bool):
     y_mask = torch.ones(B, L, dtype=torch.bool)
     y_mask[1, 3:] = False
     audio = dict(audio_hidden_states=torch.randn(B, 4, 4, generator=g), audio_num_frames=4, audio_timestep=1000 * t,
-                 audio_encoder_hidden_states=torch.randn(B, L, 24 if captions else 16, generator=g))
+                 audio_encoder_hidden_states=torch.randn(B, L, 24 if captions else 8, generator=g))
     video = z_t.flatten(2).transpose(1, 2)
     n = video.shape[1]
     with torch.no_grad():
@@ -269,14 +269,26 @@ def test_encode_prompts_without_gemma_is_one_clear_error(tmp_path, capsys):
     assert "text_encoder/" in err and "connectors/" in err
 
 
+def tiny_connectors():
+    """LTX-2.3's text connectors at a tiny size (per-modality projections, gated attention): Gemma's 16 wide hidden
+    states of 3 layers -> the tiny transformer's video (32) and audio (8) text widths."""
+    from diffusers.pipelines.ltx2 import LTX2TextConnectors
+
+    torch.manual_seed(4)
+    return LTX2TextConnectors(
+        caption_channels=16, text_proj_in_factor=3, video_connector_num_attention_heads=2,
+        video_connector_attention_head_dim=16, video_connector_num_layers=1, video_connector_num_learnable_registers=4,
+        video_gated_attn=True, audio_connector_num_attention_heads=2, audio_connector_attention_head_dim=4,
+        audio_connector_num_layers=1, audio_connector_num_learnable_registers=4, audio_gated_attn=True,
+        connector_rope_base_seq_len=64, per_modality_projections=True, video_hidden_dim=32, audio_hidden_dim=8).eval()
+
+
 @pytest.fixture(scope="module")
 def tiny_gemma(tmp_path_factory):
     """A diffusers LTX-2.3 pipeline folder with only the prompt path: a tiny random Gemma 3, a Gemma tokenizer
     (characters), the LTX-2.3 text connectors (per-modality projections, gated attention; video width 32, the
     tiny transformer's), written by LTX2Pipeline.save_pretrained; and that pipeline, the reference."""
     transformers = pytest.importorskip("transformers", reason="the `ltx2` extra (transformers) runs Gemma")
-    from diffusers.pipelines.ltx2 import LTX2TextConnectors
-
     vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<mask>": 4, "\u2581": 5,
              **{c: 6 + k for k, c in enumerate("abcdefghijklmnopqrstuvwxyz")}}
     tokenizer = transformers.GemmaTokenizer(vocab=vocab, merges=[], padding_side="left")
@@ -288,14 +300,8 @@ def tiny_gemma(tmp_path_factory):
     torch.manual_seed(3)
     gemma = transformers.Gemma3ForConditionalGeneration(
         transformers.Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4))
-    connectors = LTX2TextConnectors(
-        caption_channels=16, text_proj_in_factor=3, video_connector_num_attention_heads=2,
-        video_connector_attention_head_dim=16, video_connector_num_layers=1, video_connector_num_learnable_registers=4,
-        video_gated_attn=True, audio_connector_num_attention_heads=2, audio_connector_attention_head_dim=8,
-        audio_connector_num_layers=1, audio_connector_num_learnable_registers=4, audio_gated_attn=True,
-        connector_rope_base_seq_len=64, per_modality_projections=True, video_hidden_dim=32, audio_hidden_dim=16)
     pipe = diffusers.LTX2Pipeline(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=None, audio_vae=None,
-                                  text_encoder=gemma.eval(), tokenizer=tokenizer, connectors=connectors.eval(),
+                                  text_encoder=gemma.eval(), tokenizer=tokenizer, connectors=tiny_connectors(),
                                   transformer=None, vocoder=None)
     root = tmp_path_factory.mktemp("gemma")
     pipe.save_pretrained(root / "pipe")
@@ -416,7 +422,7 @@ def test_ltx2_init_trains_and_samples(ltx2_world, tmp_path, capsys):
     assert pipe.text is None and pipe.dit.state_dict().keys() == expected.keys()
     assert all(torch.equal(pipe.dit.state_dict()[k], expected[k]) for k in expected)
     assert torch.equal(pipe.dit.patchify.weight, transformer.proj_in.weight)
-    assert pipe.dit.cfg.fps == 8.0 and pipe.dit.cfg.rope == "ltx2"
+    assert pipe.dit.cfg.fps == 8.0 and pipe.dit.cfg.rope == "ltx2" and pipe.shift_terminal == 0.1  # LTX-2.3's scheduler
 
     run = train.train(train.parse_args(args + ["--steps", "1"]))  # one training step through the same path
     train.train(train.parse_args(args + ["--steps", "2", "--resume"]))  # a second one, rebuilt from its checkpoint
@@ -441,6 +447,7 @@ def test_ltx2_init_trains_and_samples(ltx2_world, tmp_path, capsys):
         out = tmp_path / f"{ckpt.name}.gif"
         assert sample.main(["--ckpt", str(ckpt), "--vae", str(root / "pipe" / "vae"), "--prompt-embeds", embeds,
                             "--ref", str(root / "face.png"), "--size", "16", "--frames", "9", "--steps", "2",
+                            "--stg-scale", "1", "--stg-blocks", "1", "--guidance-rescale", "0.7",
                             "--device", "cpu", "--out", str(out)]) == 0
         assert data.read_frames(out)[0].shape == (9, 16, 16, 3)
 
@@ -533,3 +540,53 @@ def test_sample_crops_a_photo_with_the_bundled_model(tmp_path, monkeypatch, caps
     Image.fromarray(data.to_uint8(torch.ones(3, 64, 64))).save(blank)
     assert sample.main(["--ref", str(blank), "--ref-crop", "--steps", "1", "--out", str(tmp_path / "w.gif")]) == 2
     assert f"no face found in {blank}" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- sampling as LTX2Pipeline does
+
+def test_sampler_matches_ltx2_pipeline_without_the_reference():
+    """Issue 16.6: with the reference off, pipeline.denoise (CFG s_y, STG, guidance rescale, LTX-2.3's shipped
+    scheduler: dynamic shift, shift_terminal 0.1) gives the latents of LTX2Pipeline.__call__ at the same settings,
+    from the same noise, on tiny random weights (the audio-to-video attention zeroed: model.py has no audio)."""
+    import numpy as np
+
+    from guidance import shift_for_tokens, timesteps
+    from ltx2.convert import LTX2_SCHEDULER
+    from pipeline import denoise
+
+    transformer = diffusers_ltx2("split", False, perturbed_attn=True)  # STG's attention processor
+    with torch.no_grad():
+        for block in transformer.transformer_blocks:
+            torch.nn.init.zeros_(block.audio_to_video_attn.to_out[0].weight)
+            torch.nn.init.zeros_(block.audio_to_video_attn.to_out[0].bias)
+    vae = diffusers.AutoencoderKLLTX2Video(**{**TINY_VAE, "patch_size": 4, "spatial_compression_ratio": 32,
+                                              "temporal_compression_ratio": 8, "scaling_factor": 1.0})
+    audio_vae = diffusers.AutoencoderKLLTX2Audio(base_channels=4, ch_mult=(1,), num_res_blocks=1, latent_channels=1,
+                                                 mel_bins=16)
+    pipe = diffusers.LTX2Pipeline(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(**LTX2_SCHEDULER), vae=vae,
+                                  audio_vae=audio_vae, text_encoder=None, tokenizer=None, connectors=tiny_connectors(),
+                                  transformer=transformer, vocoder=None)
+    g = torch.Generator().manual_seed(5)
+    emb, neg = torch.randn(1, 8, 48, generator=g), torch.randn(1, 8, 48, generator=g)
+    mask, neg_mask = torch.ones(1, 8, dtype=torch.long), torch.ones(1, 8, dtype=torch.long)
+    mask[0, :3] = 0  # left padding, as Gemma's tokenizer pads
+    z = torch.randn(1, 8, 2, 2, 3, generator=g)  # 9 frames of 64 x 96 pixels
+    steps, s_y, s_stg, rescale = 4, 3.0, 1.0, 0.7
+    expected = pipe(prompt_embeds=emb, prompt_attention_mask=mask, negative_prompt_embeds=neg,
+                    negative_prompt_attention_mask=neg_mask, height=64, width=96, num_frames=9, frame_rate=24.0,
+                    num_inference_steps=steps, guidance_scale=s_y, stg_scale=s_stg, modality_scale=1.0,
+                    guidance_rescale=rescale, spatio_temporal_guidance_blocks=[1], latents=z.flatten(2).transpose(1, 2),
+                    output_type="latent", return_dict=False)[0]
+    np.testing.assert_allclose(pipe.scheduler.sigmas.numpy(),
+                               timesteps(steps, shift_for_tokens(12), LTX2_SCHEDULER["shift_terminal"]).numpy(), rtol=1e-6)
+    with torch.no_grad():
+        video, _, video_mask = pipe.connectors(torch.cat([neg, emb]), torch.cat([neg_mask, mask]), padding_side="left")
+    cfg, _ = dit_config_from_diffusers(transformer.config)
+    dit = load_dit(transformer.state_dict(), cfg).eval()
+    text = (video[1:], video_mask[1:].bool(), video[:1], video_mask[:1].bool())
+    got = denoise(dit, z, text, None, s_y=s_y, steps=steps, s_stg=s_stg, stg_blocks=(1,), rescale=rescale,
+                  terminal=LTX2_SCHEDULER["shift_terminal"], progress=False)
+    err = (got - expected).abs().max() / expected.abs().max()
+    assert err <= 1e-4, f"relative error {err:.2e}"
+    plain = denoise(dit, z, text, None, s_y=s_y, steps=steps, terminal=0.1, progress=False)  # STG and rescale matter
+    assert (plain - expected).abs().max() / expected.abs().max() > 1e-2
