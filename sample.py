@@ -44,6 +44,8 @@ class SampleConfig:
                                   "in place of the text encoder; --prompt then only captions the sheet")
     empty_embeds: str = flag("", "the empty prompt's embeddings (empty: empty.safetensors beside --prompt-embeds)")
     size: int = flag(0, "frame size in pixels (0: the checkpoint's; LTX-2.3: 512)")
+    height: int = flag(0, "frame height in pixels for non-square video (0: --size)")
+    width: int = flag(0, "frame width in pixels for non-square video (0: --size)")
     frames: int = flag(0, "frames, 1 + tau k (0: the checkpoint's; LTX-2.3: 121)")
     fps: float = flag(0.0, "frame rate (0: the checkpoint's; LTX-2.3: 24)")
     s_text: float = flag(5.0, "text guidance scale s_y")
@@ -77,7 +79,7 @@ def load_pipeline(args: SampleConfig) -> Pipeline:
         pipe.size, pipe.frames = args.size or pipe.size, args.frames or pipe.frames
         if args.fps:  # LTX-2's RoPE reads time in seconds: the DiT follows the frame rate
             pipe.fps = pipe.dit.cfg.fps = args.fps
-    return pipe.check().to(args.device)
+    return pipe.with_frame(args.height, args.width).check().to(args.device)
 
 
 def detect_faces(image: torch.Tensor, face_models: str) -> torch.Tensor:
@@ -98,8 +100,9 @@ def detect_faces(image: torch.Tensor, face_models: str) -> torch.Tensor:
                        [torch.zeros(0, 5, 2)]).reshape(-1, 5, 2)
 
 
-def load_reference(args: SampleConfig, size: int) -> torch.Tensor | None:
-    """--ref as [3, size, size]: the image centre-cropped, or with --ref-crop its largest face in the ID-photo framing."""
+def load_reference(args: SampleConfig, size: tuple[int, int]) -> torch.Tensor | None:
+    """--ref as [3, H, W] (size): the image centre-cropped, or with --ref-crop its largest face in the ID-photo
+    framing."""
     if args.no_ref:
         return None
     if not args.ref_crop:
@@ -136,7 +139,7 @@ def main(argv=None) -> int:
     bundled_model_note(args)
     try:
         pipe = load_pipeline(args)
-        ref = load_reference(args, pipe.size)
+        ref = load_reference(args, pipe.hw)
         text = load_text(pipe, args.prompt_embeds, args.empty_embeds) if args.prompt_embeds else encode_text(pipe, args.prompt)
         blocks = stg_blocks(args, pipe.dit.cfg.depth)
     except (FileNotFoundError, ValueError) as e:
@@ -151,7 +154,7 @@ def main(argv=None) -> int:
     sheet = Path(args.sheet) if args.sheet else out.with_name(out.stem + "_sheet.png")
     blank = torch.full_like(video[:, 0], 1.0)
     contact_sheet([(blank if ref is None else ref, video, args.prompt)]).save(sheet)
-    print(f"wrote {out} and {sheet} ({video.shape[1]} frames, {pipe.size}x{pipe.size}) in {time.perf_counter() - start:.1f} s")
+    print(f"wrote {out} and {sheet} ({video.shape[1]} frames, {pipe.hw[0]}x{pipe.hw[1]}) in {time.perf_counter() - start:.1f} s")
     return 0
 
 

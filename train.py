@@ -64,6 +64,8 @@ class TrainConfig:
                                    "it again to --resume such a run or to take its VAE with --vae (an --init DiT of "
                                    "another width keeps its blocks, its input and output layers start fresh)")
     size: int = flag(0, "frame size in pixels (0: the preset's; ltx2: 512)")
+    height: int = flag(0, "frame height in pixels for non-square video (0: --size)")
+    width: int = flag(0, "frame width in pixels for non-square video (0: --size); manifest data only")
     frames: int = flag(0, "frames per clip, 1 + tau k (0: the preset's; ltx2: 121)")
     resume: bool = flag(False, "continue the run in --out from its latest checkpoint")
     ref: str = flag("tass", "reference RoPE placement (tass, shared, far, tass_t0) or 'none' for the text-to-video base")
@@ -235,13 +237,21 @@ def build(cfg: TrainConfig, device) -> Pipeline:
                     vae_src, _ = preset_checkpoint(cfg.vae, cfg.config, "--vae")
                     checkpoint.load_state({"vae": pipe.vae}, load_file(str(vae_src / "model.safetensors")))
             pipe.size, pipe.frames, pipe.fps = cfg.size or pipe.size, cfg.frames or pipe.frames, cfg.fps
-        pipe.check()
+        frame_size(cfg, pipe).check()
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"train.py: {e}")
     if cfg.fsdp:  # the trained modules stay on the CPU (memory-mapped where loaded): wrap() shards them
         pipe.vae.to(device)
         return pipe
     return pipe.to(device)
+
+
+def frame_size(cfg: TrainConfig, pipe: Pipeline) -> Pipeline:
+    """--height / --width over the pipeline's frame; the synthetic world renders square frames only."""
+    pipe.with_frame(cfg.height, cfg.width)
+    if cfg.data == "synth" and pipe.hw[0] != pipe.hw[1]:
+        raise ValueError(f"the synthetic world renders square frames; {pipe.hw[0]}x{pipe.hw[1]} needs --data <manifest>")
+    return pipe
 
 
 def batches(cfg: TrainConfig, pipe, rank: int, world: int, device):
@@ -251,7 +261,7 @@ def batches(cfg: TrainConfig, pipe, rank: int, world: int, device):
             g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rank * 7_919 + step)
             return g, data.synth_batch(cfg.batch, pipe.size, pipe.frames, g, cfg.ref_source, device)
         return synth
-    dataset = data.ManifestDataset(cfg.data, pipe.frames, pipe.size, cfg.fps, train=True, seed=cfg.seed)
+    dataset = data.ManifestDataset(cfg.data, pipe.frames, pipe.hw, cfg.fps, train=True, seed=cfg.seed)
     sampler = torch.utils.data.DistributedSampler(dataset, world, rank, seed=cfg.seed) if world > 1 else None
     loader = torch.utils.data.DataLoader(dataset, cfg.batch, sampler=sampler, shuffle=sampler is None,
                                          num_workers=cfg.workers, collate_fn=data.collate, drop_last=True, persistent_workers=cfg.workers > 0)

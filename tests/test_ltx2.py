@@ -450,6 +450,10 @@ def test_ltx2_init_trains_and_samples(ltx2_world, tmp_path, capsys):
                             "--stg-scale", "1", "--stg-blocks", "1", "--guidance-rescale", "0.7",
                             "--device", "cpu", "--out", str(out)]) == 0
         assert data.read_frames(out)[0].shape == (9, 16, 16, 3)
+    wide = tmp_path / "wide.mp4"  # non-square: 16 x 24 pixels, 2 x 3 latents (a GIF would merge equal frames)
+    assert sample.main(["--ckpt", str(run), "--prompt-embeds", embeds, "--ref", str(root / "face.png"), "--height", "16",
+                        "--width", "24", "--frames", "9", "--steps", "1", "--out", str(wide)]) == 0
+    assert data.read_frames(wide)[0].shape == (9, 16, 24, 3)
 
     from safetensors.torch import save_file
     save_file({"prompt_embeds": torch.zeros(4, 24), "prompt_attention_mask": torch.ones(4, dtype=torch.bool)},
@@ -512,9 +516,11 @@ def test_crop_face_takes_the_largest_face_into_the_framing():
     moved = [(refs["ref_landmarks"][b] + 0.5) * k - 0.5 + torch.tensor([left, top])
              for b, k, top, left in ((1, 0.5, 4, 4), (0, 1.5, 20, 40))]
     framing = (refs["ref_landmarks"][0] + 0.5) / 64
-    crop = crop_face(photo, torch.stack(moved), framing, 64)
+    crop = crop_face(photo, torch.stack(moved), framing, (64, 64))
     assert (crop - refs["ref"][0]).abs().mean() < 0.03
-    assert (crop_face(photo, torch.stack(moved[::-1]), framing, 64) == crop).all()  # the order does not matter
+    assert (crop_face(photo, torch.stack(moved[::-1]), framing, (64, 64)) == crop).all()  # the order does not matter
+    wide = crop_face(photo, torch.stack(moved), framing, (64, 96))  # the same face, centred in a wider frame
+    assert (wide[:, :, 16:80] - crop).abs().max() < 1e-4
 
 
 def test_sample_crops_a_photo_with_the_bundled_model(tmp_path, monkeypatch, capsys):
@@ -590,3 +596,28 @@ def test_sampler_matches_ltx2_pipeline_without_the_reference():
     assert err <= 1e-4, f"relative error {err:.2e}"
     plain = denoise(dit, z, text, None, s_y=s_y, steps=steps, terminal=0.1, progress=False)  # STG and rescale matter
     assert (plain - expected).abs().max() / expected.abs().max() > 1e-2
+
+
+# ----------------------------------------------------------------------------- non-square video
+
+def test_non_square_frames_through_data_training_and_the_memory_plan(ltx2_world, tmp_path):
+    """Issue 16.7: (height, width) through ManifestDataset (landmarks mapped by hand: a 16 x 16 clip covers 16 x 24
+    at scale 1.5, rows 4..19 kept), one training step, and the memory plan's token count."""
+    import data
+    import train
+    from ltx2.memory import memory_plan
+
+    root, _, manifest = ltx2_world
+    item = data.ManifestDataset(manifest, 9, (16, 24), fps=8, train=False)[0]
+    assert item["video"].shape == (3, 9, 16, 24) and item["ref"].shape == (3, 16, 24)
+    torch.testing.assert_close(data.crop_landmarks(torch.tensor([[10.0, 8.0]]), 16, 16, (16, 24)),
+                               torch.tensor([[15.0, 8.0]]))
+    run = train.train(train.parse_args(["--stage", "dit", "--config", "ltx2", "--init", str(root / "pipe"),
+                                        "--data", str(manifest), "--height", "16", "--width", "24", "--frames", "9",
+                                        "--fps", "8", "--batch", "2", "--workers", "0", "--steps", "1", "--no-progress",
+                                        "--out", str(tmp_path / "wide")]))
+    assert json.loads((run / "metrics.jsonl").read_text())["step"] == 1
+    with pytest.raises(SystemExit, match="the synthetic world renders square frames; 32x48"):
+        train.build(train.parse_args(["--height", "32", "--width", "48"]), torch.device("cpu"))
+    plan = memory_plan(8, frames=121, height=512, width=768, batch=32)
+    assert plan["tokens"] == (1 + 120 // 8) * 16 * 24 + 16 * 24  # video latents + one reference frame
