@@ -36,6 +36,7 @@ from guidance import dropout_masks, shift_for_tokens, shift_time
 from infra import checkpoint
 from infra.cli import add_flags, config_from, flag
 from infra.distributed import full_state, peak_memory_gb, restore, setup_distributed, wrap
+from infra.lora import add_lora, adapter_state_dict, is_lora_key, merged_state_dict, save_adapter
 from infra.surgery import deepened, preset_checkpoint, rewidened
 from losses import add_noise, clean_estimate, flow_loss, identity_loss, temporal_identity_loss, total_loss, w_aux
 from ltx2.convert import build_pipeline as build_ltx2_pipeline, find_transformer
@@ -102,6 +103,10 @@ class TrainConfig:
                          "appended as the identity (zero output projections), so training starts from --init's function")
     rope_theta: float = flag(0.0, "RoPE base theta of the DiT (0: --init's, else the preset's); pair m of an axis "
                                    "with n pairs turns at theta^(-m/n) per latent position")
+    lora_rank: int = flag(0, "LoRA rank r on the DiT blocks' attention projections and FFN, everything else frozen "
+                             "(infra/lora.py; 0: full fine-tuning); checkpoints hold the merged weights and "
+                             "adapter.safetensors")
+    lora_alpha: float = flag(0.0, "LoRA alpha: the update is scaled by alpha / r (0: alpha = r)")
     attn: str = flag("torch", "attention backend: torch or triton")
     log_every: int = flag(10, "steps between metric lines")
     save_every: int = flag(500, "steps between checkpoints (and at the end)")
@@ -192,7 +197,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 @torch.no_grad()
 def ema_update(ema: dict[str, torch.Tensor], module: nn.Module, decay: float):
     for k, p in module.state_dict().items():
-        if p.dtype.is_floating_point:
+        if k in ema and p.dtype.is_floating_point:
             ema[k].lerp_(p.detach().to(ema[k].dtype), 1 - decay)
 
 
@@ -244,6 +249,17 @@ def build(cfg: TrainConfig, device) -> Pipeline:
         pipe.vae.to(device)
         return pipe
     return pipe.to(device)
+
+
+def apply_lora(cfg: TrainConfig, pipe: Pipeline) -> None:
+    """--lora-rank: LoRA on the DiT's blocks, the rest of the pipeline frozen."""
+    if not cfg.lora_rank:
+        return
+    if cfg.stage != "dit" or cfg.fsdp:
+        sys.exit("train.py: --lora-rank trains adapters on the DiT (--stage dit) without --fsdp (not supported yet)")
+    add_lora(pipe.dit, cfg.lora_rank, cfg.lora_alpha or cfg.lora_rank)
+    if pipe.text is not None:
+        pipe.text.requires_grad_(False)
 
 
 def frame_size(cfg: TrainConfig, pipe: Pipeline) -> Pipeline:
@@ -394,12 +410,14 @@ def train(cfg: TrainConfig) -> Path:
         src = checkpoint.resolve(out)
         cfg.init = str(src)
     pipe = build(cfg, device)
+    apply_lora(cfg, pipe)
     trained = VAETrainer(pipe.vae) if cfg.stage == "vae" else Denoiser(pipe.text, pipe.dit)
     if cfg.stage == "dit":
         pipe.vae.requires_grad_(False).eval()
     model = wrap(trained, cfg, world, device)
-    opt = torch.optim.AdamW(trained.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    ema = {k: v.detach().float().clone() for k, v in trained.state_dict().items()} if cfg.ema > 0 else None
+    opt = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ema = {k: v.detach().float().clone() for k, v in trained.state_dict().items()
+           if not cfg.lora_rank or is_lora_key(k)} if cfg.ema > 0 else None  # LoRA: the adapters' EMA only
     step = 0
     if cfg.resume:  # FSDP: memory-mapped, read where used
         state = torch.load(src / "state.pt", map_location="cpu" if cfg.fsdp else device, weights_only=False, mmap=cfg.fsdp)
@@ -478,9 +496,14 @@ def export_weights(cfg, pipe, raw, ema, next_batch) -> dict[str, torch.Tensor]:
 def save(cfg, out, pipe, raw, optim, ema, step, next_batch):
     """Writes <out>/step_XXXXXX atomically, then points `latest` at it (rank 0 only; full_state gives the states)."""
     weights = export_weights(cfg, pipe, raw, ema, next_batch)
+    adapter = adapter_state_dict(weights)  # LoRA: saved alone, and merged into the weights
     state = {"raw": raw, "optimizer": optim, "ema": ema, "step": step, "fsdp": cfg.fsdp}
     name = f"step_{step:06d}"
+    if adapter:
+        weights = merged_state_dict(weights, (cfg.lora_alpha or cfg.lora_rank) / cfg.lora_rank)
     checkpoint.save(out / name, pipe, weights, state, extra={"preset": cfg.config, "stage": cfg.stage, "step": step})
+    if adapter:
+        save_adapter(out / name, adapter, cfg.lora_rank, cfg.lora_alpha or cfg.lora_rank)
     checkpoint.write_latest(out, name)
     for old in sorted(p for p in out.glob("step_*") if p.is_dir())[: -cfg.keep]:
         shutil.rmtree(old, ignore_errors=True)

@@ -33,6 +33,7 @@ def main(argv=None) -> int:
     m.add_argument("--width", type=int, default=768, help="pixel width")
     m.add_argument("--batch", type=int, default=32, help="global batch (no gradient accumulation)")
     m.add_argument("--no-ema", action="store_true", help="without the EMA weights (train.py --ema 0)")
+    m.add_argument("--lora-rank", type=int, default=0, help="also the plan for LoRA of this rank (train.py --lora-rank)")
     e = sub.add_parser("encode-prompts", help="precompute LTX-2.3 prompt embeddings (Gemma 3 + text connector) "
                                               "for a manifest's captions")
     e.add_argument("--manifest", required=True, help="JSONL manifest with a \"caption\" per line")

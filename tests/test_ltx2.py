@@ -621,3 +621,89 @@ def test_non_square_frames_through_data_training_and_the_memory_plan(ltx2_world,
         train.build(train.parse_args(["--height", "32", "--width", "48"]), torch.device("cpu"))
     plan = memory_plan(8, frames=121, height=512, width=768, batch=32)
     assert plan["tokens"] == (1 + 120 // 8) * 16 * 24 + 16 * 24  # video latents + one reference frame
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+def test_lora_matches_peft():
+    """Issue 16.9: infra.lora on a DiT computes what peft's LoRA computes with the same A and B, and merges to the
+    same weights as peft's merge."""
+    peft = pytest.importorskip("peft", reason="peft is the LoRA reference")
+    import copy
+
+    from infra.lora import LORA_TARGETS, add_lora, merged_state_dict
+    from model import DiT, DiTConfig
+
+    torch.manual_seed(0)
+    dit = DiT(DiTConfig(in_channels=4, dim=32, depth=2, heads=2, text_dim=16)).eval()
+    with torch.no_grad():  # a DiT that is not at its zero-initialised start
+        for p in dit.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    ref = peft.inject_adapter_in_model(peft.LoraConfig(r=3, lora_alpha=6, target_modules=LORA_TARGETS.pattern[1:-1]),
+                                       copy.deepcopy(dit))
+    assert add_lora(dit, rank=3, alpha=6) == 2 * 10
+    g = torch.Generator().manual_seed(1)
+    ours = dict(dit.named_parameters())
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if ".lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+                ours[name.replace(".default", "")].copy_(p)
+    assert {n for n, p in dit.named_parameters() if p.requires_grad} == \
+        {n.replace(".default", "") for n, p in ref.named_parameters() if ".lora_" in n}
+    z_t, y = torch.randn(2, 4, 2, 2, 2, generator=g), torch.randn(2, 3, 16, generator=g)
+    args = (z_t, torch.tensor([0.2, 0.7]), y, torch.ones(2, 3, dtype=torch.bool), torch.randn(2, 4, 2, 2, generator=g))
+    with torch.no_grad():
+        torch.testing.assert_close(dit(*args), ref(*args), rtol=1e-5, atol=1e-6)
+    merged = merged_state_dict(dit.state_dict(), 6 / 3)
+    for module in ref.modules():
+        if hasattr(module, "merge") and hasattr(module, "lora_A"):
+            module.merge()
+    expected = {k.replace(".base_layer", ""): v for k, v in ref.state_dict().items() if ".lora_" not in k}
+    assert merged.keys() == expected.keys()
+    for k, v in expected.items():
+        torch.testing.assert_close(merged[k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_lora_training_saves_the_adapter_and_merges_it(tmp_path):
+    """train.py --lora-rank: only the adapters move; the checkpoint holds W + (alpha / r) B A and the adapter alone;
+    --resume continues; sample.py reads the merged checkpoint."""
+    import sample
+    import train
+    from safetensors.torch import load_file
+
+    from infra import checkpoint
+    from infra.lora import merged_state_dict
+
+    base = ["--config", "tiny", "--stage", "dit", "--batch", "2", "--no-progress", "--lr", "1e-2", "--warmup", "1",
+            "--ema", "0"]
+    init = train.train(train.parse_args(base + ["--steps", "2", "--out", str(tmp_path / "init")]))  # gates open
+    common = base + ["--init", str(init), "--lora-rank", "4", "--lora-alpha", "8", "--out", str(tmp_path / "run")]
+    run = train.train(train.parse_args(common + ["--steps", "2"]))
+    folder = checkpoint.resolve(run)
+    weights, adapter = load_file(str(folder / "model.safetensors")), load_file(str(folder / "adapter.safetensors"))
+    raw = torch.load(folder / "state.pt", weights_only=False)["raw"]
+    assert adapter.keys() == {k for k in raw if ".lora_" in k} and len(adapter) == 2 * 2 * 10
+    assert any(v.abs().sum() > 0 for k, v in adapter.items() if ".lora_B." in k)  # trained
+    merged = merged_state_dict(raw, 8 / 4)  # --ema 0: the raw weights are the inference weights
+    for k, v in merged.items():
+        assert torch.equal(weights[k], v), k
+    start = load_file(str(checkpoint.resolve(init) / "model.safetensors"))
+    assert all(torch.equal(raw[k], start[k]) for k in raw if ".lora_" not in k)  # everything else frozen
+    train.train(train.parse_args(common + ["--steps", "3", "--resume"]))
+    assert checkpoint.resolve(run).name == "step_000003"
+    assert sample.main(["--ckpt", str(run), "--steps", "1", "--out", str(tmp_path / "v.gif")]) == 0
+
+
+def test_memory_plan_has_a_lora_line(capsys):
+    """The LoRA line counts r (in + out) for each attention projection (4096 -> 4096, 4 per attention, 2 attentions)
+    and the FFN (4096 <-> 16384) of the 48 blocks, and holds the frozen DiT in fp32."""
+    from ltx2.__main__ import main
+    from ltx2.memory import memory_plan
+
+    plan = memory_plan(8, 121, 512, 768, 32, lora_rank=64)
+    assert plan["lora_params"] == 48 * 64 * (8 * (4096 + 4096) + 2 * (4096 + 16384))
+    full = memory_plan(8, 121, 512, 768, 32)
+    assert plan["activations"] == full["activations"] and plan["adamw"] == 8 * plan["lora_params"] / 2**30
+    assert main(["memory-plan", "--lora-rank", "64"]) == 0
+    assert "ltx2-video LoRA rank 64 (327 M trained parameters" in capsys.readouterr().out
