@@ -707,3 +707,16 @@ def test_memory_plan_has_a_lora_line(capsys):
     assert plan["activations"] == full["activations"] and plan["adamw"] == 8 * plan["lora_params"] / 2**30
     assert main(["memory-plan", "--lora-rank", "64"]) == 0
     assert "ltx2-video LoRA rank 64 (327 M trained parameters" in capsys.readouterr().out
+
+
+def test_gpu_checks_script_parses_and_names_what_exists():
+    """scripts/gpu_checks.sh (run on a GPU machine, not here): valid bash, and every module and file it runs exists."""
+    import re
+
+    script = (ROOT / "scripts" / "gpu_checks.sh").read_text()
+    assert subprocess.run(["bash", "-n", str(ROOT / "scripts" / "gpu_checks.sh")]).returncode == 0
+    for module in re.findall(r"-m ([\w.]+)", script):
+        if module not in ("pytest",):
+            assert (ROOT / (module.replace(".", "/") + ".py")).is_file(), module
+    for path in re.findall(r"(tests/\w+\.py|train\.py)", script):
+        assert (ROOT / path).is_file(), path
