@@ -103,9 +103,8 @@ class TrainConfig:
                          "appended as the identity (zero output projections), so training starts from --init's function")
     rope_theta: float = flag(0.0, "RoPE base theta of the DiT (0: --init's, else the preset's); pair m of an axis "
                                    "with n pairs turns at theta^(-m/n) per latent position")
-    lora_rank: int = flag(0, "LoRA rank r on the DiT blocks' attention projections and FFN, everything else frozen "
-                             "(infra/lora.py; 0: full fine-tuning); checkpoints hold the merged weights and "
-                             "adapter.safetensors")
+    lora_rank: int = flag(0, "LoRA rank r on the DiT blocks' attention and FFN, the rest frozen (infra/lora.py; 0: "
+                             "full fine-tuning); checkpoints hold the merged weights and adapter.safetensors")
     lora_alpha: float = flag(0.0, "LoRA alpha: the update is scaled by alpha / r (0: alpha = r)")
     attn: str = flag("torch", "attention backend: torch or triton")
     log_every: int = flag(10, "steps between metric lines")
@@ -158,8 +157,7 @@ def sample_t(batch: int, mu: float, g: torch.Generator, dist: str = "logit-norma
 
 def check_face_fields(batch) -> None:
     """The identity loss needs the clip's and the reference's landmarks: one-line SystemExit when a batch lacks them."""
-    missing = [k for k in ("landmarks", "ref_landmarks") if k not in batch]
-    if missing:
+    if missing := [k for k in ("landmarks", "ref_landmarks") if k not in batch]:
         raise SystemExit(f"train.py: the identity loss (--face-model) needs face landmarks of the clips and of their "
                          f"references, this batch has no {' or '.join(missing)}: run `python -m interop.scrfd "
                          f"--manifest M` and train on the manifest it writes")
@@ -242,7 +240,7 @@ def build(cfg: TrainConfig, device) -> Pipeline:
                     vae_src, _ = preset_checkpoint(cfg.vae, cfg.config, "--vae")
                     checkpoint.load_state({"vae": pipe.vae}, load_file(str(vae_src / "model.safetensors")))
             pipe.size, pipe.frames, pipe.fps = cfg.size or pipe.size, cfg.frames or pipe.frames, cfg.fps
-        frame_size(cfg, pipe).check()
+        pipe.with_frame(cfg.height, cfg.width).check()
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"train.py: {e}")
     if cfg.fsdp:  # the trained modules stay on the CPU (memory-mapped where loaded): wrap() shards them
@@ -253,25 +251,18 @@ def build(cfg: TrainConfig, device) -> Pipeline:
 
 def apply_lora(cfg: TrainConfig, pipe: Pipeline) -> None:
     """--lora-rank: LoRA on the DiT's blocks, the rest of the pipeline frozen."""
-    if not cfg.lora_rank:
-        return
-    if cfg.stage != "dit" or cfg.fsdp:
+    if cfg.lora_rank and (cfg.stage != "dit" or cfg.fsdp):
         sys.exit("train.py: --lora-rank trains adapters on the DiT (--stage dit) without --fsdp (not supported yet)")
-    add_lora(pipe.dit, cfg.lora_rank, cfg.lora_alpha or cfg.lora_rank)
-    if pipe.text is not None:
-        pipe.text.requires_grad_(False)
-
-
-def frame_size(cfg: TrainConfig, pipe: Pipeline) -> Pipeline:
-    """--height / --width over the pipeline's frame; the synthetic world renders square frames only."""
-    pipe.with_frame(cfg.height, cfg.width)
-    if cfg.data == "synth" and pipe.hw[0] != pipe.hw[1]:
-        raise ValueError(f"the synthetic world renders square frames; {pipe.hw[0]}x{pipe.hw[1]} needs --data <manifest>")
-    return pipe
+    if cfg.lora_rank:
+        for module in pipe.modules().values():  # all frozen, then adapters on the DiT
+            module.requires_grad_(False)
+        add_lora(pipe.dit, cfg.lora_rank, cfg.lora_alpha or cfg.lora_rank)
 
 
 def batches(cfg: TrainConfig, pipe, rank: int, world: int, device):
     """Yields (step_generator, batch) forever; synthetic batches are a pure function of the step."""
+    if cfg.data == "synth" and pipe.hw[0] != pipe.hw[1]:
+        sys.exit(f"train.py: the synthetic world renders square frames; {pipe.hw[0]}x{pipe.hw[1]} needs --data <manifest>")
     if cfg.data == "synth":
         def synth(step):
             g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rank * 7_919 + step)
@@ -496,14 +487,13 @@ def export_weights(cfg, pipe, raw, ema, next_batch) -> dict[str, torch.Tensor]:
 def save(cfg, out, pipe, raw, optim, ema, step, next_batch):
     """Writes <out>/step_XXXXXX atomically, then points `latest` at it (rank 0 only; full_state gives the states)."""
     weights = export_weights(cfg, pipe, raw, ema, next_batch)
-    adapter = adapter_state_dict(weights)  # LoRA: saved alone, and merged into the weights
+    adapter, alpha = adapter_state_dict(weights), cfg.lora_alpha or cfg.lora_rank  # LoRA: saved alone, and merged
+    weights = merged_state_dict(weights, alpha / cfg.lora_rank) if adapter else weights
     state = {"raw": raw, "optimizer": optim, "ema": ema, "step": step, "fsdp": cfg.fsdp}
     name = f"step_{step:06d}"
-    if adapter:
-        weights = merged_state_dict(weights, (cfg.lora_alpha or cfg.lora_rank) / cfg.lora_rank)
     checkpoint.save(out / name, pipe, weights, state, extra={"preset": cfg.config, "stage": cfg.stage, "step": step})
     if adapter:
-        save_adapter(out / name, adapter, cfg.lora_rank, cfg.lora_alpha or cfg.lora_rank)
+        save_adapter(out / name, adapter, cfg.lora_rank, alpha)
     checkpoint.write_latest(out, name)
     for old in sorted(p for p in out.glob("step_*") if p.is_dir())[: -cfg.keep]:
         shutil.rmtree(old, ignore_errors=True)

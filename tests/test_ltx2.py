@@ -618,7 +618,7 @@ def test_non_square_frames_through_data_training_and_the_memory_plan(ltx2_world,
                                         "--out", str(tmp_path / "wide")]))
     assert json.loads((run / "metrics.jsonl").read_text())["step"] == 1
     with pytest.raises(SystemExit, match="the synthetic world renders square frames; 32x48"):
-        train.build(train.parse_args(["--height", "32", "--width", "48"]), torch.device("cpu"))
+        train.train(train.parse_args(["--height", "32", "--width", "48", "--out", str(tmp_path / "synth")]))
     plan = memory_plan(8, frames=121, height=512, width=768, batch=32)
     assert plan["tokens"] == (1 + 120 // 8) * 16 * 24 + 16 * 24  # video latents + one reference frame
 
