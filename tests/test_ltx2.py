@@ -720,3 +720,46 @@ def test_gpu_checks_script_parses_and_names_what_exists():
             assert (ROOT / (module.replace(".", "/") + ".py")).is_file(), module
     for path in re.findall(r"(tests/\w+\.py|train\.py)", script):
         assert (ROOT / path).is_file(), path
+
+
+def test_lora_adapter_loads_in_diffusers():
+    """Issue 16.9: an adapter of model.py's DiT, written in diffusers' LoRA layout for an interleaved checkpoint, gives
+    in diffusers (load_lora_adapter, peft) the video velocity of model.py's DiT with the adapter."""
+    pytest.importorskip("peft", reason="diffusers loads LoRA adapters through peft")
+    from infra.lora import add_lora, adapter_state_dict
+    from ltx2.export import adapter_to_diffusers
+
+    base = diffusers_ltx2("interleaved", True)
+    cfg, layout = dit_config_from_diffusers(base.config)
+    model = load_dit(base.state_dict(), cfg, layout).eval()
+    add_lora(model, rank=2, alpha=6)
+    g = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_" in name:
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    lora = adapter_to_diffusers(adapter_state_dict(model.state_dict()), base.state_dict().keys(), cfg.heads, layout, 3.0)
+    assert "transformer.transformer_blocks.1.ff.net.0.proj.lora_A.weight" in lora
+    base.load_lora_adapter(lora, prefix="transformer", adapter_name="stdrc")
+    assert_same_video_velocity(base, model, captions=True)
+
+
+def test_lora_run_exports_merged_weights_and_the_adapter(ltx2_world, tmp_path):
+    """train.py --config ltx2 --lora-rank, then python -m ltx2 export: the merged transformer, and the adapter in
+    diffusers' layout that on the base transformer computes what the merged one does."""
+    pytest.importorskip("peft", reason="diffusers loads LoRA adapters through peft")
+    import train
+    from ltx2.__main__ import main
+
+    root, _, manifest = ltx2_world
+    run = train.train(train.parse_args(["--stage", "dit", "--config", "ltx2", "--init", str(root / "pipe"), "--data",
+                                        str(manifest), "--size", "16", "--frames", "9", "--fps", "8", "--batch", "2",
+                                        "--workers", "0", "--steps", "2", "--lr", "1e-2", "--warmup", "1", "--lora-rank",
+                                        "2", "--lora-alpha", "4", "--no-progress", "--out", str(tmp_path / "run")]))
+    assert main(["export", "--ckpt", str(run), "--base", str(root / "pipe"), "--out", str(tmp_path / "exp")]) == 0
+    base = diffusers.LTX2VideoTransformer3DModel.from_pretrained(root / "pipe" / "transformer").eval()
+    cfg, _ = dit_config_from_diffusers(base.config)
+    merged = load_ltx2(str(tmp_path / "exp" / "diffusion_pytorch_model.safetensors"), cfg).eval()
+    assert not torch.equal(merged.blocks[0].attn1.to_q.weight, load_dit(base.state_dict(), cfg).blocks[0].attn1.to_q.weight)
+    base.load_lora_adapter(str(tmp_path / "exp" / "pytorch_lora_weights.safetensors"), prefix="transformer")
+    assert_same_video_velocity(base, merged, captions=False)
