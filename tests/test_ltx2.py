@@ -763,3 +763,30 @@ def test_lora_run_exports_merged_weights_and_the_adapter(ltx2_world, tmp_path):
     assert not torch.equal(merged.blocks[0].attn1.to_q.weight, load_dit(base.state_dict(), cfg).blocks[0].attn1.to_q.weight)
     base.load_lora_adapter(str(tmp_path / "exp" / "pytorch_lora_weights.safetensors"), prefix="transformer")
     assert_same_video_velocity(base, merged, captions=False)
+
+
+def test_decoupled_cfg_with_stg_and_rescale_on_top():
+    """With the reference on: one batched forward of [v_0 | v_y | v_yr | v_stg] equals the four streams run one at a
+    time, combined by hand: v_0 + s_y (v_y - v_0) + s_r (v_yr - v_y) + s_stg (v_yr - v_stg), then the rescale of
+    x0 = z - t v towards x0_yr's standard deviation."""
+    from guidance import three_stream_velocity
+
+    ref = diffusers_ltx2("split", False)
+    cfg, _ = dit_config_from_diffusers(ref.config)
+    dit = load_dit(ref.state_dict(), cfg).eval()
+    g = torch.Generator().manual_seed(9)
+    z, z_ref = torch.randn(1, 8, T, H, W, generator=g), torch.randn(1, 8, H, W, generator=g)
+    y, y_0 = torch.randn(1, L, 32, generator=g), torch.randn(1, L, 32, generator=g)
+    mask = torch.ones(1, L, dtype=torch.bool)
+    t = torch.tensor([0.6])
+    with torch.no_grad():
+        v_0, v_y = dit(z, t, y_0, mask), dit(z, t, y, mask)
+        v_yr = dit(z, t, y, mask, z_ref=z_ref)
+        v_stg = dit(z, t, y, mask, z_ref=z_ref, stg_blocks=(1,), stg=torch.tensor([True]))
+        got = three_stream_velocity(dit, z, t, y, mask, y_0, mask, z_ref, 5.0, 7.5, s_stg=1.0, stg_blocks=(1,),
+                                    rescale=0.7)
+    v = v_0 + 5.0 * (v_y - v_0) + 7.5 * (v_yr - v_y) + 1.0 * (v_yr - v_stg)
+    x0, x0_c = z - 0.6 * v, z - 0.6 * v_yr
+    x0 = 0.7 * x0 * x0_c.std() / x0.std() + 0.3 * x0
+    torch.testing.assert_close(got, (z - x0) / 0.6, rtol=1e-4, atol=1e-5)
+    assert (v_stg - v_yr).abs().max() > 1e-3  # the skipped attention changes the stream
