@@ -35,27 +35,42 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().movedim(-3, -1).cpu().numpy()
 
 
-def resize_center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
-    """[N, 3, H, W] -> [N, 3, size, size]: shortest side to `size`, then the centre square."""
-    h, w = x.shape[-2:]
-    s = size / min(h, w)
-    nh, nw = max(size, round(h * s)), max(size, round(w * s))
+def frame_hw(size: int | tuple[int, int]) -> tuple[int, int]:
+    """A frame size: a side (square) or (height, width)."""
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def crop_box(h: int, w: int, size: int | tuple[int, int]) -> tuple[int, int, int, int]:
+    """resize_center_crop's geometry for an h x w source: (resized height, width, top, left of the crop)."""
+    H, W = frame_hw(size)
+    s = max(H / h, W / w)
+    nh, nw = max(H, round(h * s)), max(W, round(w * s))
+    return nh, nw, (nh - H) // 2, (nw - W) // 2
+
+
+def resize_center_crop(x: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """[N, 3, h, w] -> [N, 3, H, W] (size: a side or (H, W)): scaled to cover H x W, then the centre crop."""
+    H, W = frame_hw(size)
+    nh, nw, top, left = crop_box(*x.shape[-2:], size)
     x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
-    top, left = (nh - size) // 2, (nw - size) // 2
-    return x[..., top:top + size, left:left + size]
+    return x[..., top:top + H, left:left + W]
 
 
-def load_image(path: str | os.PathLike, size: int) -> torch.Tensor:
-    """An image file -> [3, size, size] in [-1, 1], with an error that says what to do."""
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """An image file -> uint8 [H, W, 3] RGB, with an error that says what to do."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"reference image not found: {path} (pass an existing PNG/JPEG with --ref)")
     try:
         with Image.open(path) as im:
-            rgb = np.asarray(im.convert("RGB"))
+            return np.asarray(im.convert("RGB"))
     except Exception as e:  # Pillow raises several types for unreadable files
         raise ValueError(f"cannot read {path} as an image ({e}); pass a PNG or JPEG file") from None
-    return resize_center_crop(to_tensor(rgb)[None], size)[0]
+
+
+def load_image(path: str | os.PathLike, size: int | tuple[int, int]) -> torch.Tensor:
+    """An image file -> [3, H, W] in [-1, 1] (resize_center_crop to a side or (H, W))."""
+    return resize_center_crop(to_tensor(read_image(path))[None], size)[0]
 
 
 # ----------------------------------------------------------------------------- reading video
@@ -115,7 +130,8 @@ class ManifestDataset(torch.utils.data.Dataset):
     An unreadable or too-short entry yields an error item; `collate` drops it and counts it.
     """
 
-    def __init__(self, manifest: str | os.PathLike, frames: int, size: int, fps: float = 24.0, train: bool = True, seed: int = 0):
+    def __init__(self, manifest: str | os.PathLike, frames: int, size: int | tuple[int, int], fps: float = 24.0,
+                 train: bool = True, seed: int = 0):
         manifest = Path(manifest)
         if not manifest.is_file():
             raise FileNotFoundError(f"manifest not found: {manifest} (a JSONL file, one {{\"video\", \"caption\"}} object a line)")
@@ -160,18 +176,16 @@ class ManifestDataset(torch.utils.data.Dataset):
             start = rng.uniform(0, max(duration, 0.0)) if self.train else 0.0
             idx = frame_indices(len(src), src_fps, self.frames, self.fps, start)
             h, w = src.shape[1:3]
-            video = resize_center_crop(to_tensor(src[idx]), self.size)  # [F, 3, S, S]
-            if "reference" in item:
-                ref = load_image(item["reference"], self.size)
-            else:  # in-clip reference: a frame outside the sampled ones when possible
+            video = resize_center_crop(to_tensor(src[idx]), self.size)  # [F, 3, H, W]
+            ref_frame = None
+            if "reference" not in item:  # in-clip reference: a frame outside the sampled ones when possible
                 outside = np.setdiff1d(np.arange(len(src)), idx)
-                k = rng.choice(outside) if len(outside) else rng.integers(len(src))
-                ref = resize_center_crop(to_tensor(src[k])[None], self.size)[0]
+                ref_frame = int(rng.choice(outside)) if len(outside) else int(rng.integers(len(src)))
+            ref_rgb = read_image(item["reference"]) if ref_frame is None else src[ref_frame]
+            ref = resize_center_crop(to_tensor(ref_rgb)[None], self.size)[0]
             out = {"video": video.transpose(0, 1), "ref": ref, "prompt": item["caption"]}
             if "faces" in item:
-                faces = np.load(item["faces"])
-                out["landmarks"] = crop_landmarks(torch.from_numpy(faces["landmarks"][idx]).float(), h, w, self.size)
-                out["face_present"] = torch.from_numpy(faces["present"][idx]).bool()
+                out.update(face_fields(np.load(item["faces"]), idx, ref_frame, (h, w), ref_rgb.shape[:2], self.size))
             if "prompt_embeds" in item:
                 out["prompt_embeds"], out["prompt_attention_mask"] = load_prompt_embeds(item["prompt_embeds"])
                 empty = item["empty_prompt_embeds"]
@@ -183,12 +197,27 @@ class ManifestDataset(torch.utils.data.Dataset):
             return {"error": f"{item['video']}: {e}"}
 
 
-def crop_landmarks(lm: torch.Tensor, h: int, w: int, size: int) -> torch.Tensor:
+def face_fields(faces, idx: list[int], ref_frame: int | None, hw: tuple[int, int], ref_hw: tuple[int, int],
+                size: int | tuple[int, int]) -> dict:
+    """A clip's `.faces.npz` (python -m interop.scrfd) -> its sampled frames' `landmarks` [F, 5, 2] and
+    `face_present` [F] in crop pixels, and the reference's `ref_landmarks` [5, 2] and `ref_present`: from
+    frame `ref_frame` for an in-clip reference, else the file's `ref_landmarks` (absent from files written
+    before interop.scrfd detected references: then the batch has none)."""
+    out = {"landmarks": crop_landmarks(torch.from_numpy(faces["landmarks"][idx]).float(), *hw, size),
+           "face_present": torch.from_numpy(faces["present"][idx]).bool()}
+    if ref_frame is not None:
+        out["ref_landmarks"] = crop_landmarks(torch.from_numpy(faces["landmarks"][ref_frame]).float(), *hw, size)
+        out["ref_present"] = torch.tensor(bool(faces["present"][ref_frame]))
+    elif "ref_landmarks" in faces:
+        out["ref_landmarks"] = crop_landmarks(torch.from_numpy(faces["ref_landmarks"]).float(), *ref_hw, size)
+        out["ref_present"] = torch.tensor(bool(faces["ref_present"]))
+    return out
+
+
+def crop_landmarks(lm: torch.Tensor, h: int, w: int, size: int | tuple[int, int]) -> torch.Tensor:
     """Map source-pixel landmarks through resize_center_crop's resize and crop."""
-    s = size / min(h, w)
-    nh, nw = max(size, round(h * s)), max(size, round(w * s))
-    offset = torch.tensor([(nw - size) // 2, (nh - size) // 2], dtype=lm.dtype)
-    return lm * torch.tensor([nw / w, nh / h], dtype=lm.dtype) - offset
+    nh, nw, top, left = crop_box(h, w, size)
+    return lm * torch.tensor([nw / w, nh / h], dtype=lm.dtype) - torch.tensor([left, top], dtype=lm.dtype)
 
 
 def collate(items: list[dict]) -> dict:
@@ -199,7 +228,7 @@ def collate(items: list[dict]) -> dict:
     batch = {"skipped": len(errors), "errors": errors}
     if good:
         padded = {k for pair in TEXT_PAIRS for k in pair}
-        for key in good[0]:
+        for key in (k for k in good[0] if all(k in it for it in good)):  # fields every item has
             vals = [it[key] for it in good]
             if key not in padded:
                 batch[key] = vals if isinstance(vals[0], str) else torch.stack(vals)
@@ -272,7 +301,7 @@ def contact_sheet(rows: list[tuple[torch.Tensor, torch.Tensor, str]], scale: int
         pick = np.linspace(0, F_ - 1, min(F_, max_frames)).round().astype(int)
         images = [ref] + [video[:, k] for k in pick]
         cells.append((np.concatenate([to_uint8(im) for im in images], axis=1), caption))
-    S = rows[0][0].shape[-1]
+    S = rows[0][0].shape[-2]  # the row height
     pad = 14
     widths = max(c.shape[1] for c, _ in cells) * scale
     sheet = Image.new("RGB", (widths, len(cells) * (S * scale + pad)), "white")
@@ -286,6 +315,13 @@ def contact_sheet(rows: list[tuple[torch.Tensor, torch.Tensor, str]], scale: int
 
 
 # ----------------------------------------------------------------------------- the synthetic world
+
+def portrait_framing(n: int = 64, size: int = 64, seed: int = 0) -> torch.Tensor:
+    """Where the five landmarks of an ID-photo reference sit (the synthetic world's portrait references: face
+    centred at a fixed size; their mean over n), as fractions of the side [5, 2]: faces.crop_face's framing."""
+    refs = synth_batch(n, size, 1, torch.Generator().manual_seed(seed), "portrait")
+    return ((refs["ref_landmarks"] + 0.5) / size).mean(0)
+
 
 def synth_batch(batch: int, size: int, frames: int, generator: torch.Generator, ref_source: str = "cross",
                 device="cpu", split: str = "train") -> dict:

@@ -53,20 +53,25 @@ def _invert_affine(matrix: torch.Tensor) -> torch.Tensor:
     return torch.cat([linear_inv, -linear_inv @ matrix[..., 2:]], -1)
 
 
-def align_faces(images: torch.Tensor, landmarks, size: int = 112, fill: float = 0.0) -> torch.Tensor:
-    """Warp each image onto the ArcFace crop of its face: [N, C, H, W] -> [N, C, size, size].
+def align_faces(images: torch.Tensor, landmarks, size: int | tuple[int, int] = 112, fill: float = 0.0,
+                template=None) -> torch.Tensor:
+    """Warp each image onto the ArcFace crop of its face: [N, C, H, W] -> [N, C, size, size] (or size = (h, w)).
 
     landmarks [N, 5, 2] are (x, y) pixel coordinates in `images`. Like insightface's
     `norm_crop`, the similarity is fitted landmarks -> template and inverted, every crop
     pixel centre is mapped back into the image and sampled bilinearly; outside the image
-    reads `fill`. Differentiable in the images (and the landmarks).
+    reads `fill`. Differentiable in the images (and the landmarks). template: where the five
+    landmarks go in the crop, [5, 2] pixels (default: ArcFace's, scaled to `size`).
     """
     n, _, h, w = images.shape
     landmarks = torch.as_tensor(landmarks, dtype=images.dtype, device=images.device)
-    template = torch.tensor(ARCFACE_TEMPLATE, dtype=images.dtype, device=images.device) * (size / 112)
+    crop_h, crop_w = (size, size) if isinstance(size, int) else size
+    if template is None:
+        template = torch.tensor(ARCFACE_TEMPLATE) * (crop_w / 112)
+    template = torch.as_tensor(template).to(images)
     crop_to_image = _invert_affine(similarity_transform(landmarks, template))  # [N, 2, 3]
-    ys, xs = torch.meshgrid(torch.arange(size, dtype=images.dtype, device=images.device),
-                            torch.arange(size, dtype=images.dtype, device=images.device), indexing="ij")
+    ys, xs = torch.meshgrid(torch.arange(crop_h, dtype=images.dtype, device=images.device),
+                            torch.arange(crop_w, dtype=images.dtype, device=images.device), indexing="ij")
     crop_pixels = torch.stack([xs, ys, torch.ones_like(xs)], -1)  # [size, size, 3] as (x, y, 1)
     image_pixels = torch.einsum("nij,yxj->nyxi", crop_to_image, crop_pixels)  # [N, size, size, 2]
     # grid_sample, align_corners=False: pixel i of an axis of length L sits at (i + 0.5) / L * 2 - 1
@@ -74,6 +79,23 @@ def align_faces(images: torch.Tensor, landmarks, size: int = 112, fill: float = 
     grid = (image_pixels + 0.5) / image_size * 2 - 1
     crops = F.grid_sample(images - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return crops + fill
+
+
+def face_scale(landmarks: torch.Tensor) -> torch.Tensor:
+    """The size of faces [..., 5, 2]: the root-mean-square distance of their landmarks from their centre."""
+    return (landmarks - landmarks.mean(-2, keepdim=True)).pow(2).sum(-1).mean(-1).sqrt()
+
+
+def crop_face(image: torch.Tensor, faces: torch.Tensor, framing: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A photo's largest face as a reference: image [3, H, W] in [-1, 1], faces [K, 5, 2] the landmarks of every
+    face found (pixels) -> [3, h, w] (size), the largest face (face_scale) aligned so that its landmarks land on
+    `framing` [5, 2] (pixel centres as fractions of the side: (x + 0.5) / side) in the centred min(h, w) square;
+    outside the photo reads white."""
+    h, w = size
+    side = min(h, w)
+    template = framing * side - 0.5 + torch.tensor([(w - side) / 2, (h - side) / 2])
+    largest = faces[face_scale(faces).argmax()]
+    return align_faces(image[None], largest[None], (h, w), fill=1.0, template=template)[0]
 
 
 # ----------------------------------------------------------------------------- ArcFace IResNet

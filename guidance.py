@@ -26,20 +26,40 @@ def dropout_masks(batch: int, p_y: float = 0.05, p_r: float = 0.20, generator: t
     return u[0] >= p_y, u[1] >= p_r
 
 
-def three_stream_velocity(model, z_t, t, y, y_mask, y_0, y_0_mask, z_ref, s_y: float, s_r: float):
+def rescale_guidance(v: torch.Tensor, v_c: torch.Tensor, z_t: torch.Tensor, t: torch.Tensor, phi: float) -> torch.Tensor:
+    """LTX-2's guidance rescale, on the clean estimates x0 = z_t - t v (Lin et al. 2024, Sec. 3.4): the guided x0
+    scaled to the standard deviation of the fully conditioned one's, mixed by phi; returned as a velocity."""
+    x0, x0_c = z_t - t * v, z_t - t * v_c
+    dims = list(range(1, v.dim()))
+    x0 = phi * x0 * (x0_c.std(dim=dims, keepdim=True) / x0.std(dim=dims, keepdim=True)) + (1 - phi) * x0
+    return (z_t - x0) / t
+
+
+def three_stream_velocity(model, z_t, t, y, y_mask, y_0, y_0_mask, z_ref, s_y: float, s_r: float, s_stg: float = 0.0,
+                          stg_blocks=(), rescale: float = 0.0):
     """One forward of batch 3B -> decoupled CFG velocity [B, ...].
 
     y/y_mask: the prompt's text features; y_0/y_0_mask: the empty prompt's (same length L).
     With z_ref None (a text-to-video model) it runs 2B streams: classic CFG, v_yr = v_y.
+    LTX-2's guidance on top: s_stg > 0 adds a stream v_stg (the fully conditioned one with self-attention
+    skipped in stg_blocks) and s_stg (v_c - v_stg), v_c = v_yr (v_y without a reference); rescale > 0
+    applies rescale_guidance towards v_c.
     """
     B = z_t.shape[0]
-    n = 2 if z_ref is None else 3
+    conds = [(y_0, y_0_mask, False), (y, y_mask, False)] + [(y, y_mask, True)] * (z_ref is not None)
+    streams = conds + [conds[-1]] * (s_stg > 0)  # [v_0 | v_y | v_yr | v_stg]
+    n = len(streams)
     rep = lambda x: x.repeat(n, *([1] * (x.dim() - 1)))
-    keep_ref = torch.arange(n * B, device=z_t.device) >= 2 * B  # streams: [v_0 | v_y | v_yr]
-    v = model(rep(z_t), t.repeat(n), torch.cat([y_0, y] + [y] * (n - 2)), torch.cat([y_0_mask, y_mask] + [y_mask] * (n - 2)),
-              z_ref=None if z_ref is None else rep(z_ref), ref_keep=None if z_ref is None else keep_ref).chunk(n)
-    v_yr = v[2] if z_ref is not None else v[1]
-    return decoupled_cfg(v[0], v[1], v_yr, s_y, s_r)
+    keep_ref = torch.tensor([r for _, _, r in streams], device=z_t.device).repeat_interleave(B)
+    stg = torch.arange(n * B, device=z_t.device) >= len(conds) * B
+    v = model(rep(z_t), t.repeat(n), torch.cat([c for c, _, _ in streams]), torch.cat([m for _, m, _ in streams]),
+              z_ref=None if z_ref is None else rep(z_ref), ref_keep=None if z_ref is None else keep_ref,
+              stg_blocks=stg_blocks if s_stg > 0 else (), stg=stg).chunk(n)
+    v_c = v[len(conds) - 1]
+    out = decoupled_cfg(v[0], v[1], v_c, s_y, s_r)
+    if s_stg > 0:
+        out = out + s_stg * (v_c - v[-1])
+    return rescale_guidance(out, v_c, z_t, t.view(-1, *[1] * (z_t.dim() - 1)), rescale) if rescale > 0 else out
 
 
 def shift_for_tokens(n_tokens: int, base_shift: float = 0.95, max_shift: float = 2.05, base_n: int = 1024, max_n: int = 4096) -> float:
@@ -53,9 +73,18 @@ def shift_time(u: torch.Tensor, mu: float) -> torch.Tensor:
     return s * u / (1 + (s - 1) * u)
 
 
-def timesteps(steps: int, mu: float = 0.0) -> torch.Tensor:
-    """steps + 1 times from 1 (noise) to 0 (data), warped by the shift mu (mu = 0: uniform)."""
-    return shift_time(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), mu).float()
+def stretch_to_terminal(ts: torch.Tensor, terminal: float) -> torch.Tensor:
+    """Stretch times (ending in 0) so that the last non-zero one is `terminal` (diffusers' shift_terminal):
+    1 - t is scaled by (1 - terminal) / (1 - t_last)."""
+    one_minus = 1 - ts[:-1]
+    return torch.cat([1 - one_minus * (1 - terminal) / one_minus[-1], ts[-1:]])
+
+
+def timesteps(steps: int, mu: float = 0.0, terminal: float = 0.0) -> torch.Tensor:
+    """steps + 1 times from 1 (noise) to 0 (data), warped by the shift mu (mu = 0: uniform), the last non-zero one
+    stretched to `terminal` when > 0 (LTX-2's shipped scheduler: 0.1)."""
+    ts = shift_time(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), mu)
+    return (stretch_to_terminal(ts, terminal) if terminal > 0 else ts).float()
 
 
 @torch.no_grad()

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from fused import rope_attention
-from rope import (apply_rope, ltx2_positions, ltx2_rope_frequencies, reference_positions, rope_frequencies,
-                  video_positions)
+from rope import (LTX2_MAX_LATENT_HW, apply_rope, ltx2_positions, ltx2_rope_frequencies, reference_positions,
+                  rope_frequencies, video_positions)
 
 
 @dataclass
@@ -92,7 +92,8 @@ class Attention(nn.Module):
     def split_heads(self, x):  # [B, N, dim] -> [B, heads, N, dim/heads]
         return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)
 
-    def forward(self, x, ctx=None, ctx_mask=None, pos=None, freqs=None, kv_len=None, backend="torch"):
+    def forward(self, x, ctx=None, ctx_mask=None, pos=None, freqs=None, kv_len=None, backend="torch", skip=None):
+        """skip [B] bool: those samples' attention is replaced by its values (LTX-2's spatio-temporal guidance)."""
         src = x if ctx is None else ctx
         q = self.split_heads(self.q_norm(self.to_q(x)))
         k = self.split_heads(self.k_norm(self.to_k(src)))
@@ -101,6 +102,8 @@ class Attention(nn.Module):
             o = self_attention(q, k, v, pos, freqs, kv_len, backend)
         else:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx_mask[:, None, None])
+        if skip is not None:
+            o = torch.where(skip[:, None, None, None], v, o)
         if self.to_gate_logits is not None:  # zero logits -> gate 1
             o = o * 2 * torch.sigmoid(self.to_gate_logits(x)).transpose(1, 2)[..., None]
         return self.to_out(o.transpose(1, 2).flatten(2))
@@ -158,10 +161,10 @@ class Block(nn.Module):
         h = self.attn2(h, ctx=modulate(y, shift_y[:, None], scale_y[:, None]), ctx_mask=y_mask)
         return per_segment(lambda hs, m: m[:, 8:9] * hs, h, lens, mods)
 
-    def forward(self, x, t_mod, lens, y, y_mask, y_mod, pos, freqs, kv_len):
+    def forward(self, x, t_mod, lens, y, y_mask, y_mod, pos, freqs, kv_len, skip=None):
         mods = t_mod + self.scale_shift_table  # [B, S, n_mod, D], one row set per segment
         h = per_segment(lambda xs, m: modulate(xs, m[:, 0:1], m[:, 1:2]), self.norm1(x), lens, mods)
-        h = self.attn1(h, pos=pos, freqs=freqs, kv_len=kv_len, backend=self.cfg.attn_backend)
+        h = self.attn1(h, pos=pos, freqs=freqs, kv_len=kv_len, backend=self.cfg.attn_backend, skip=skip)
         x = x + per_segment(lambda hs, m: m[:, 2:3] * hs, h, lens, mods)
         x = x + self.cross_attention(x, lens, mods, y, y_mask, y_mod)
         h = per_segment(lambda xs, m: modulate(xs, m[:, 3:4], m[:, 4:5]), self.norm3(x), lens, mods)
@@ -244,37 +247,44 @@ class DiT(nn.Module):
         emb = self.prompt_t_embedder(timestep_embedding(t).to(self.patchify.weight.dtype))
         return self.prompt_adaln(emb).unflatten(-1, (2, -1))
 
-    def rope_positions(self, latent_pos: torch.Tensor) -> torch.Tensor:
-        """Latent-grid positions (t, i, j) -> the positions the RoPE table expects."""
-        return ltx2_positions(latent_pos, self.cfg.fps) if self.cfg.rope == "ltx2" else latent_pos
+    def rope_positions(self, T: int, H: int, W: int, reference: bool) -> torch.Tensor:
+        """The video's (or the reference's, Sec. 3.2) positions, as the RoPE table expects them: the latent grid,
+        or for rope="ltx2" LTX-2's coordinates (the reference as an appended single image, kept in range)."""
+        if self.cfg.rope != "ltx2":
+            return reference_positions(T, H, W, self.cfg.ref_mode) if reference else video_positions(T, H, W)
+        if not reference:
+            return ltx2_positions(video_positions(T, H, W), self.cfg.fps)
+        latent = reference_positions(T, H, W, self.cfg.ref_mode, max_hw=LTX2_MAX_LATENT_HW)
+        return ltx2_positions(latent, self.cfg.fps, single_frame=True)
 
-    def forward(self, z_t, t, y, y_mask, z_ref=None, ref_keep=None):
+    def forward(self, z_t, t, y, y_mask, z_ref=None, ref_keep=None, stg_blocks=(), stg=None):
         """Predict the velocity v for the video latents.
 
         z_t [B, C, T, H, W] noisy video latents, t [B] in [0, 1], y [B, L, text_dim] text
         features with mask y_mask [B, L]; z_ref [B, C, H, W] or [B, C, 1, H, W] the clean
-        reference latent (optional), ref_keep [B] bool: False hides the reference of that sample.
+        reference latent (optional), ref_keep [B] bool: False hides the reference of that sample;
+        stg [B] bool: those samples skip self-attention in blocks `stg_blocks` (LTX-2's STG).
         Returns v [B, C, T, H, W] (the reference stream's output is discarded).
         """
         B, C, T, H, W = z_t.shape
         x = self.patchify(z_t.flatten(2).transpose(1, 2))  # [B, T*H*W, D]
-        pos = video_positions(T, H, W)
+        pos = self.rope_positions(T, H, W, reference=False)
         emb_t, mod_t = self.timestep_modulation(t)
         lens, mods, kv_len = [x.shape[1]], mod_t[:, None], None
         if z_ref is not None:
             r = self.patchify(z_ref.reshape(B, C, H * W).transpose(1, 2))  # [B, H*W, D]
             x = torch.cat([x, r], dim=1)  # z~_t = [z_t, z_ref] along time (Sec. 3.1)
-            pos = torch.cat([pos, reference_positions(T, H, W, self.cfg.ref_mode)])  # Sec. 3.2
+            pos = torch.cat([pos, self.rope_positions(T, H, W, reference=True)])  # Sec. 3.2
             _, mod_ref = self.timestep_modulation(torch.zeros_like(t))  # the reference is clean: t = 0
             lens, mods = lens + [H * W], torch.stack([mod_t, mod_ref], dim=1)
             keep = torch.ones(B, dtype=torch.bool, device=x.device) if ref_keep is None else ref_keep
             kv_len = (lens[0] + keep.long() * lens[1]).to(torch.int32)
-        pos = self.rope_positions(pos).to(x.device)
+        pos = pos.to(x.device)
         if self.cfg.caption_projection:
             y = self.caption_projection(y)
         y_mod = self.prompt_modulation(t)  # the text is modulated by the video's t, reference or not
-        for block in self.blocks:
-            args = (x, mods, lens, y, y_mask, y_mod, pos, self.freqs, kv_len)
+        for i, block in enumerate(self.blocks):
+            args = (x, mods, lens, y, y_mask, y_mod, pos, self.freqs, kv_len, stg if i in stg_blocks else None)
             if self.cfg.grad_checkpoint and self.training:
                 x = checkpoint(block, *args, use_reentrant=False)
             else:

@@ -54,19 +54,33 @@ class Pipeline:
     size: int
     frames: int
     fps: float = 8.0
+    shift_terminal: float = 0.0  # the sampler's last non-zero time (guidance.timesteps; LTX-2.3's scheduler: 0.1)
+    width: int = 0  # frame width in pixels; 0: square frames (size x size)
+
+    @property
+    def hw(self) -> tuple[int, int]:
+        """The frame (height, width) in pixels."""
+        return self.size, self.width or self.size
+
+    def with_frame(self, height: int = 0, width: int = 0) -> "Pipeline":
+        """Frames of height x width pixels (0 keeps the pipeline's)."""
+        self.size, self.width = height or self.size, width or self.width
+        return self
 
     def modules(self) -> dict[str, nn.Module]:
         return {name: m for name, m in (("vae", self.vae), ("text", self.text), ("dit", self.dit)) if m is not None}
 
     def config(self) -> dict:
         return {"vae": asdict(self.vae.config), "text": None if self.text is None else asdict(self.text.config),
-                "dit": asdict(self.dit.cfg), "size": self.size, "frames": self.frames, "fps": self.fps}
+                "dit": asdict(self.dit.cfg), "size": self.size, "frames": self.frames, "fps": self.fps,
+                "shift_terminal": self.shift_terminal, "width": self.width}
 
     def check(self) -> "Pipeline":
-        """Raise ValueError unless frames and size fit the VAE (1 + tau k frames, size divisible by s)."""
+        """Raise ValueError unless frames and size fit the VAE (1 + tau k frames, height and width divisible by s)."""
         self.vae.latent_frames(self.frames)
-        if self.size % self.vae.config.spatial:
-            raise ValueError(f"frame size {self.size} must be divisible by the VAE's spatial factor {self.vae.config.spatial}")
+        if any(side % self.vae.config.spatial for side in self.hw):
+            raise ValueError(f"frame size {self.hw[0]}x{self.hw[1]} must be divisible by the VAE's spatial factor "
+                             f"{self.vae.config.spatial}")
         return self
 
     def to(self, device) -> "Pipeline":
@@ -104,7 +118,8 @@ def pipeline_from_config(cfg: dict) -> Pipeline:
     text = None if cfg["text"] is None else TextEncoder(_dataclass(TextConfig, cfg["text"]))
     with torch.device("meta"):
         dit = DiT(_dataclass(DiTConfig, cfg["dit"]))
-    return Pipeline(vae_from_config(cfg["vae"]), text, dit, cfg["size"], cfg["frames"], cfg.get("fps", 8.0))
+    return Pipeline(vae_from_config(cfg["vae"]), text, dit, cfg["size"], cfg["frames"], cfg.get("fps", 8.0),
+                    cfg.get("shift_terminal", 0.0), cfg.get("width", 0))
 
 
 def encode_text(pipe: Pipeline, prompt: str) -> tuple[torch.Tensor, ...]:
@@ -123,22 +138,35 @@ def load_text(pipe: Pipeline, prompt_embeds: str, empty_embeds: str = "") -> tup
 
 
 @torch.no_grad()
+def denoise(dit: DiT, z: torch.Tensor, text: tuple, z_ref: torch.Tensor | None, s_y: float = 5.0, s_r: float = 7.5,
+            steps: int = 30, s_stg: float = 0.0, stg_blocks=(), rescale: float = 0.0, terminal: float = 0.0,
+            progress: bool = True) -> torch.Tensor:
+    """Noise z [B, C, T, h, w] -> z_0: the Euler sampler on the shifted schedule (LTX-2's dynamic shift for T h w
+    tokens, stretched to `terminal`), each step one batched forward of the guided streams (Sec. 3.4; STG and the
+    guidance rescale: guidance.three_stream_velocity). text: (y, y_mask, y_0, y_0_mask)."""
+    y, y_mask, y_0, y_0_mask = text
+    T, h, w = z.shape[2:]
+
+    def velocity(z_t, t):
+        return three_stream_velocity(dit, z_t, t, y, y_mask, y_0, y_0_mask, z_ref, s_y, s_r, s_stg, stg_blocks, rescale)
+
+    return euler_sample(velocity, z, timesteps(steps, shift_for_tokens(T * h * w), terminal), progress)
+
+
+@torch.no_grad()
 def generate(pipe: Pipeline, ref: torch.Tensor | None, prompt: str, s_y: float = 5.0, s_r: float = 7.5,
-             steps: int = 30, seed: int = 0, progress: bool = True, text: tuple | None = None) -> torch.Tensor:
-    """ref [3, S, S] in [-1, 1] (None: text only) -> video [3, F, S, S] in [-1, 1]. `text`: precomputed
+             steps: int = 30, seed: int = 0, progress: bool = True, text: tuple | None = None, s_stg: float = 0.0,
+             stg_blocks=(), rescale: float = 0.0) -> torch.Tensor:
+    """ref [3, H, W] in [-1, 1] (None: text only) -> video [3, F, H, W] in [-1, 1] (pipe.hw). `text`: precomputed
     (y, y_mask, y_0, y_0_mask) (load_text) in place of encoding `prompt` with the pipeline's encoder."""
     device = next(pipe.dit.parameters()).device
     for m in pipe.modules().values():
         m.eval()
-    y, y_mask, y_0, y_0_mask = (t.to(device) for t in (encode_text(pipe, prompt) if text is None else text))
+    text = tuple(t.to(device) for t in (encode_text(pipe, prompt) if text is None else text))
     z_ref = None if ref is None else pipe.vae.encode(ref[None].to(device))[:, :, 0]  # z_ref = E_vae(I_ref), Sec. 3.1
     T = pipe.vae.latent_frames(pipe.frames)
-    h = pipe.size // pipe.vae.config.spatial
+    h, w = (side // pipe.vae.config.spatial for side in pipe.hw)
     g = torch.Generator().manual_seed(seed)
-    z = torch.randn(1, pipe.dit.cfg.in_channels, T, h, h, generator=g).to(device)
-
-    def velocity(z_t, t):
-        return three_stream_velocity(pipe.dit, z_t, t, y, y_mask, y_0, y_0_mask, z_ref, s_y, s_r)
-
-    z_0 = euler_sample(velocity, z, timesteps(steps, shift_for_tokens(T * h * h)), progress)
+    z = torch.randn(1, pipe.dit.cfg.in_channels, T, h, w, generator=g).to(device)
+    z_0 = denoise(pipe.dit, z, text, z_ref, s_y, s_r, steps, s_stg, stg_blocks, rescale, pipe.shift_terminal, progress)
     return pipe.vae.decode(z_0)[0]

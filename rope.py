@@ -48,13 +48,18 @@ def video_positions(T: int, H: int, W: int) -> torch.Tensor:
     return _grid(torch.arange(T), H, W)
 
 
-def reference_positions(T: int, H: int, W: int, mode: str = "tass", far_gap: int = 16) -> torch.Tensor:
+def reference_positions(T: int, H: int, W: int, mode: str = "tass", far_gap: int = 16,
+                        max_hw: int | None = None) -> torch.Tensor:
     """Reference token (i, j) positions, [H*W, 3], i-major (paper Sec. 3.2, Eq. TASS-RoPE).
 
     tass:    (T, H+i, W+j)   next frame in time, disjoint spatial block [H,2H) x [W,2W)
     shared:  (T, i, j)       next frame, same spatial grid (collides with video's spatial layout)
     far:     (T+K, i, j)     pushed K = far_gap frames beyond the clip
     tass_t0: (0, H+i, W+j)   spatial shift only, no temporal separation (ablation)
+
+    max_hw: a bound on the height and width positions (LTX-2: LTX2_MAX_LATENT_HW). A spatial shift that
+    would reach past it is cut to max_hw - H (resp. W): the reference then overlaps the video's rows
+    (columns) by the rest, and stays disjoint from the video as long as the other axis keeps its full shift.
     """
     base = _grid(torch.zeros(1), H, W)
     offsets = {
@@ -65,7 +70,10 @@ def reference_positions(T: int, H: int, W: int, mode: str = "tass", far_gap: int
     }
     if mode not in offsets:
         raise ValueError(f"unknown reference mode {mode!r}; choose one of {REFERENCE_MODES}")
-    return base + torch.tensor(offsets[mode], dtype=base.dtype)
+    t, dh, dw = offsets[mode]
+    if max_hw is not None:
+        dh, dw = min(dh, max(max_hw - H, 0)), min(dw, max(max_hw - W, 0))
+    return base + torch.tensor((t, dh, dw), dtype=base.dtype)
 
 
 def rope_angles(pos: torch.Tensor, freqs: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
@@ -100,25 +108,34 @@ def apply_rope(x: torch.Tensor, pos: torch.Tensor, freqs: torch.Tensor) -> torch
 # *whole* attention width (all heads together), interleaved over the axes (t, h, w, t, h, w, ...)
 # after (dim/2 - 3n) unused pairs at the front; head h takes pairs [h D/2, (h+1) D/2), so each head
 # has its own frequencies: the table is [heads, D/2, 3], one non-zero per row, like rope_frequencies.
-# The TASS reference goes through the same map: latent (T, H+i, W+j) from reference_positions is the
-# box of latent frame T, shifted by one full latent height and width (32 H, 32 W pixels).
+#
+# The reference is an appended single image, placed as LTX-2.3 was pretrained to see one (diffusers'
+# pipeline_ltx2_ic_lora, _prepare_keyframe_coords): one pixel frame, [8T-7, 8T-6) for latent frame T,
+# the pixel frame right after the clip's last, with no causal shift of its own. Spatially, TASS's
+# latent (H+i, W+j) from reference_positions is shifted by one full latent height and width (32 H,
+# 32 W pixels); bounded by LTX2_MAX_LATENT_HW (2048 px) it stays inside the pretrained position range
+# up to 1024 px a side, and beyond that the shift shrinks in that axis (reference_positions).
 
 LTX2_SCALE = (8, 32, 32)  # the VAE's (time, height, width) compression
 LTX2_MAX_POS = (20.0, 2048.0, 2048.0)  # seconds, pixels, pixels
+LTX2_MAX_LATENT_HW = int(LTX2_MAX_POS[1]) // LTX2_SCALE[1]  # 64 latent rows or columns
 
 
 def ltx2_positions(latent_pos: torch.Tensor, fps: float = 24.0, scale=LTX2_SCALE, max_pos=LTX2_MAX_POS,
-                   causal_offset: int = 1) -> torch.Tensor:
+                   causal_offset: int = 1, single_frame: bool = False) -> torch.Tensor:
     """Latent (t, i, j) [..., 3] -> LTX-2's normalised coordinates in [-1, 1] [..., 3] (float32).
 
     Follows LTX-2's arithmetic step by step (pixel box, causal shift of the first frame, seconds,
-    box centre, / max, 2p - 1) so that the angles match its float32 rounding exactly.
+    box centre, / max, 2p - 1) so that the angles match its float32 rounding exactly. single_frame:
+    an appended single image (the reference): its time box is the one pixel frame where latent frame t
+    starts, [8t-7, 8t-6) (LTX-2's keyframe coordinates).
     """
     scale_t = torch.tensor(scale, dtype=torch.float32)
     start = latent_pos.float() * scale_t
     end = (latent_pos.float() + 1) * scale_t
-    for box in (start, end):  # causal VAE: frame 0 is one pixel frame, the others are groups of scale[0]
-        box[..., 0] = (box[..., 0] + causal_offset - scale[0]).clamp(min=0) / fps
+    start[..., 0] = (start[..., 0] + causal_offset - scale[0]).clamp(min=0)  # causal VAE: frame 0 is one pixel frame
+    end[..., 0] = start[..., 0] + 1 if single_frame else (end[..., 0] + causal_offset - scale[0]).clamp(min=0)
+    start[..., 0], end[..., 0] = start[..., 0] / fps, end[..., 0] / fps
     centre = (start + end) / 2.0
     grid = torch.stack([centre[..., a] / max_pos[a] for a in range(3)], dim=-1)
     return grid * 2 - 1

@@ -34,6 +34,7 @@ from infra import checkpoint
 from infra.cli import add_flags, config_from, flag, parser
 from infra.errors import UsageError, check_attn, read_safetensors, run_main
 from infra.distributed import full_state, peak_memory_gb, restore, setup_distributed, wrap
+from infra.lora import add_lora, adapter_state_dict, is_lora_key, merged_state_dict, save_adapter
 from infra.surgery import deepened, preset_checkpoint, rewidened
 from losses import add_noise, clean_estimate, flow_loss, identity_loss, temporal_identity_loss, total_loss, w_aux
 from ltx2.convert import build_pipeline as build_ltx2_pipeline, find_transformer
@@ -66,6 +67,8 @@ class TrainConfig:
                                    "it again to --resume such a run or to take its VAE with --vae (an --init DiT of "
                                    "another width keeps its blocks, its input and output layers start fresh)")
     size: int = flag(0, "frame size in pixels (0: the preset's; ltx2: 512)", lo=0, hi=4096)
+    height: int = flag(0, "frame height in pixels for non-square video (0: --size)", lo=0, hi=4096)
+    width: int = flag(0, "frame width in pixels for non-square video (0: --size); manifest data only", lo=0, hi=4096)
     frames: int = flag(0, "frames per clip, 1 + tau k (0: the preset's; ltx2: 121)", lo=0, hi=10_000)
     resume: bool = flag(False, "continue the run in --out from its latest checkpoint that loads")
     overwrite: bool = flag(False, "start afresh in an --out that holds an earlier run: deletes its checkpoints, "
@@ -107,6 +110,9 @@ class TrainConfig:
                          "appended as the identity (zero output projections), so training starts from --init's function")
     rope_theta: float = flag(0.0, "RoPE base theta of the DiT (0: --init's, else the preset's); pair m of an axis "
                                    "with n pairs turns at theta^(-m/n) per latent position")
+    lora_rank: int = flag(0, "LoRA rank r on the DiT blocks' attention and FFN, the rest frozen (infra/lora.py; 0: "
+                             "full fine-tuning); checkpoints hold the merged weights and adapter.safetensors", lo=0)
+    lora_alpha: float = flag(0.0, "LoRA alpha: the update is scaled by alpha / r (0: alpha = r)", lo=0.0)
     attn: str = flag("torch", "attention backend: torch or triton (a CUDA GPU)", choices=("torch", "triton"))
     log_every: int = flag(10, "steps between metric lines", lo=1)
     save_every: int = flag(500, "steps between checkpoints (and at the end)", lo=1)
@@ -155,10 +161,19 @@ def sample_t(batch: int, mu: float, g: torch.Generator, dist: str = "logit-norma
     return shift_time(torch.sigmoid(torch.randn(batch, generator=g)), mu)
 
 
+def check_face_fields(batch) -> None:
+    """The identity loss needs the clip's and the reference's landmarks: one-line SystemExit when a batch lacks them."""
+    if missing := [k for k in ("landmarks", "ref_landmarks") if k not in batch]:
+        raise SystemExit(f"train.py: the identity loss (--face-model) needs face landmarks of the clips and of their "
+                         f"references, this batch has no {' or '.join(missing)}: run `python -m interop.scrfd "
+                         f"--manifest M` and train on the manifest it writes")
+
+
 def face_terms(cfg, pipe, embedder, z_t, t, v, batch, keep_ref):
     """L_id and L_tic on the clean estimate (Sec. 3.3): decode the first id_frames latent
     frames of z^_0 with the frozen VAE, align with the clip's landmarks, embed."""
 
+    check_face_fields(batch)
     z0_hat = clean_estimate(z_t, t, v)[:, :, : cfg.id_frames]
     if cfg.grad_checkpoint:  # recompute the decoder's activations in the backward pass
         x = torch.utils.checkpoint.checkpoint(pipe.vae.decode, z0_hat, use_reentrant=False)
@@ -170,6 +185,8 @@ def face_terms(cfg, pipe, embedder, z_t, t, v, batch, keep_ref):
         e_ref = embed_faces(embedder, batch["ref"], batch["ref_landmarks"])  # the UNaugmented reference
     m = batch.get("face_present", torch.ones(B, Fp, dtype=torch.bool, device=x.device))[:, :Fp]
     m = m & keep_ref[:, None]  # no reference, no identity to keep
+    if "ref_present" in batch:  # no face found in the reference: nothing to compare with
+        m = m & batch["ref_present"][:, None].to(m.device)
     return identity_loss(e, e_ref, m), temporal_identity_loss(e, m)
 
 
@@ -184,7 +201,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 @torch.no_grad()
 def ema_update(ema: dict[str, torch.Tensor], module: nn.Module, decay: float):
     for k, p in module.state_dict().items():
-        if p.dtype.is_floating_point:
+        if k in ema and p.dtype.is_floating_point:
             ema[k].lerp_(p.detach().to(ema[k].dtype), 1 - decay)
 
 
@@ -229,7 +246,7 @@ def build(cfg: TrainConfig, device) -> Pipeline:
                     vae_src, _ = preset_checkpoint(cfg.vae, cfg.config, "--vae")
                     checkpoint.load_state({"vae": pipe.vae}, read_safetensors(vae_src / "model.safetensors"))
             pipe.size, pipe.frames, pipe.fps = cfg.size or pipe.size, cfg.frames or pipe.frames, cfg.fps
-        pipe.check()
+        pipe.with_frame(cfg.height, cfg.width).check()
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"train.py: {e}")
     if cfg.fsdp:  # the trained modules stay on the CPU (memory-mapped where loaded): wrap() shards them
@@ -248,14 +265,26 @@ def check_run(cfg: TrainConfig, device) -> None:
                          "--stage vae, or a base model> or --vae <a run of --stage vae>")
 
 
+def apply_lora(cfg: TrainConfig, pipe: Pipeline) -> None:
+    """--lora-rank: LoRA on the DiT's blocks, the rest of the pipeline frozen."""
+    if cfg.lora_rank and (cfg.stage != "dit" or cfg.fsdp):
+        raise UsageError("--lora-rank trains adapters on the DiT (--stage dit) without --fsdp (not supported yet)")
+    if cfg.lora_rank:
+        for module in pipe.modules().values():  # all frozen, then adapters on the DiT
+            module.requires_grad_(False)
+        add_lora(pipe.dit, cfg.lora_rank, cfg.lora_alpha or cfg.lora_rank)
+
+
 def batches(cfg: TrainConfig, pipe, rank: int, world: int, device):
     """Yields (step_generator, batch) forever; synthetic batches are a pure function of the step."""
+    if cfg.data == "synth" and pipe.hw[0] != pipe.hw[1]:
+        sys.exit(f"train.py: the synthetic world renders square frames; {pipe.hw[0]}x{pipe.hw[1]} needs --data <manifest>")
     if cfg.data == "synth":
         def synth(step):
             g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rank * 7_919 + step)
             return g, data.synth_batch(cfg.batch, pipe.size, pipe.frames, g, cfg.ref_source, device)
         return synth
-    dataset = data.ManifestDataset(cfg.data, pipe.frames, pipe.size, cfg.fps, train=True, seed=cfg.seed)
+    dataset = data.ManifestDataset(cfg.data, pipe.frames, pipe.hw, cfg.fps, train=True, seed=cfg.seed)
     sampler = torch.utils.data.DistributedSampler(dataset, world, rank, seed=cfg.seed) if world > 1 else None
     loader = torch.utils.data.DataLoader(dataset, cfg.batch, sampler=sampler, shuffle=sampler is None,
                                          num_workers=cfg.workers, collate_fn=data.collate, drop_last=True, persistent_workers=cfg.workers > 0)
@@ -397,12 +426,14 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.resume:
         cfg.init = str(src)
     pipe = build(cfg, device)
+    apply_lora(cfg, pipe)
     trained = VAETrainer(pipe.vae) if cfg.stage == "vae" else Denoiser(pipe.text, pipe.dit)
     if cfg.stage == "dit":
         pipe.vae.requires_grad_(False).eval()
     model = wrap(trained, cfg, world, device)
-    opt = torch.optim.AdamW(trained.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    ema = {k: v.detach().float().clone() for k, v in trained.state_dict().items()} if cfg.ema > 0 else None
+    opt = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ema = {k: v.detach().float().clone() for k, v in trained.state_dict().items()
+           if not cfg.lora_rank or is_lora_key(k)} if cfg.ema > 0 else None  # LoRA: the adapters' EMA only
     step = 0
     if cfg.resume:
         ema, step = restore(cfg, trained, opt, state), state["step"]
@@ -472,7 +503,6 @@ def export_weights(cfg, pipe, raw, ema, next_batch) -> dict[str, torch.Tensor]:
     weights.update({k: v.detach().contiguous() for k, v in raw.items()})
     weights.update({k: v.to(weights[k].dtype) for k, v in (ema or {}).items()})
     if cfg.stage == "vae":
-
         vae = copy.deepcopy(pipe.vae)
         checkpoint.load_state({"vae": vae}, weights)
         mean, std = compute_latent_stats(vae, (next_batch(10**9 + k)[1]["video"] for k in range(4)))
@@ -484,9 +514,13 @@ def export_weights(cfg, pipe, raw, ema, next_batch) -> dict[str, torch.Tensor]:
 def save(cfg, out, pipe, raw, optim, ema, step, next_batch):
     """Writes <out>/step_XXXXXX atomically, then points `latest` at it (rank 0 only; full_state gives the states)."""
     weights = export_weights(cfg, pipe, raw, ema, next_batch)
+    adapter, alpha = adapter_state_dict(weights), cfg.lora_alpha or cfg.lora_rank  # LoRA: saved alone, and merged
+    weights = merged_state_dict(weights, alpha / cfg.lora_rank) if adapter else weights
     state = {"raw": raw, "optimizer": optim, "ema": ema, "step": step, "fsdp": cfg.fsdp}
     name = f"step_{step:06d}"
     checkpoint.save(out / name, pipe, weights, state, extra={"preset": cfg.config, "stage": cfg.stage, "step": step})
+    if adapter:
+        save_adapter(out / name, adapter, cfg.lora_rank, alpha)
     checkpoint.write_latest(out, name)
     for old in checkpoint.step_folders(out)[: -cfg.keep]:
         shutil.rmtree(old, ignore_errors=True)
@@ -494,7 +528,6 @@ def save(cfg, out, pipe, raw, optim, ema, step, next_batch):
 
 
 def write_sample(cfg, pipe, batch, path):
-
     text = None
     if "prompt_embeds" in batch:
         text = text_pair(*(batch[k][0] for k in ("prompt_embeds", "prompt_attention_mask", "empty_prompt_embeds",

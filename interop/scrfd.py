@@ -1,6 +1,6 @@
 """InsightFace SCRFD face detection (through onnxruntime) and a manifest's landmarks.
 
-    python -m interop.scrfd --manifest clips.jsonl   # SCRFD landmarks of real clips -> clips.faces.jsonl
+    python -m interop.scrfd --manifest clips.jsonl   # SCRFD landmarks of real clips and their references -> clips.faces.jsonl
 
 Needs the `faces` extra (insightface, onnxruntime) and the buffalo_l pack on disk.
 """
@@ -15,7 +15,7 @@ import numpy as np
 import onnxruntime
 import torch
 
-from data import read_frames
+from data import read_frames, read_image
 from infra.cli import add_flags, config_from, flag
 from interop.arcface_onnx import DETECTOR_FILES, _find_model
 
@@ -64,12 +64,19 @@ class FaceDetector:
 
 # ----------------------------------------------------------------------------- landmarks of a manifest
 
+def best_face(detector, image: np.ndarray) -> tuple[np.ndarray, bool]:
+    """The best face's 5 landmarks [5, 2] in pixels (0 where none) and whether there is one."""
+    faces = detector.detect(image)
+    return (np.asarray(faces[0][1], np.float32), True) if faces else (np.zeros((5, 2), np.float32), False)
+
+
 def precompute_landmarks(manifest, out_manifest, detector) -> int:
     """Detect the best face in every source frame of every clip of a JSONL manifest (see
-    data.ManifestDataset); write `<video>.faces.npz` beside each video with `landmarks`
-    [F_src, 5, 2] (source pixels, 0 where none) and `present` [F_src], and `out_manifest`:
-    the same lines with "faces" added (paths relative to the new manifest's folder).
-    `detector` has FaceDetector's `detect(uint8 HxWx3 RGB)`. Returns the number of clips."""
+    data.ManifestDataset), and in the line's "reference" image when it has one; write `<video>.faces.npz`
+    beside each video with `landmarks` [F_src, 5, 2] (source pixels, 0 where none), `present` [F_src] and,
+    with a reference, `ref_landmarks` [5, 2] (its pixels) and `ref_present`; and `out_manifest`: the same
+    lines with "faces" added (paths relative to the new manifest's folder). `detector` has FaceDetector's
+    `detect(uint8 HxWx3 RGB)`. Returns the number of clips."""
     manifest, out_manifest = Path(manifest), Path(out_manifest)
     lines = []
     for line in manifest.read_text().splitlines():
@@ -81,16 +88,16 @@ def precompute_landmarks(manifest, out_manifest, detector) -> int:
                 item[key] = os.path.relpath(manifest.parent / item[key], out_manifest.parent)
         video = out_manifest.parent / item["video"]
         frames, _ = read_frames(video)
-        landmarks, present = np.zeros((len(frames), 5, 2), np.float32), np.zeros(len(frames), bool)
-        for f, frame in enumerate(frames):
-            faces = detector.detect(frame)
-            if faces:
-                landmarks[f], present[f] = faces[0][1], True
+        found = [best_face(detector, frame) for frame in frames]
+        faces = {"landmarks": np.stack([lm for lm, _ in found]), "present": np.array([p for _, p in found])}
+        if "reference" in item:
+            faces["ref_landmarks"], faces["ref_present"] = best_face(detector, read_image(out_manifest.parent / item["reference"]))
         npz = video.with_name(video.name + ".faces.npz")
-        np.savez(npz, landmarks=landmarks, present=present)
+        np.savez(npz, **faces)
         item["faces"] = os.path.relpath(npz, out_manifest.parent)
         lines.append(json.dumps(item))
-        print(f"{video}: a face in {present.sum()}/{len(frames)} frames", flush=True)
+        ref = f"; reference: {'a face' if faces.get('ref_present') else 'no face'}" if "reference" in item else ""
+        print(f"{video}: a face in {faces['present'].sum()}/{len(frames)} frames{ref}", flush=True)
     out_manifest.write_text("\n".join(lines) + "\n")
     return len(lines)
 

@@ -1,4 +1,5 @@
-"""LTX-2.3's video branch in model.py: checkpoint conversion, the LTX-2 VAE, prompt embeddings, a memory plan.
+"""LTX-2.3's video branch in model.py: checkpoint conversion and export, the LTX-2 VAE, prompt embeddings, a memory
+plan. The user's walk from downloaded weights to a fine-tuned sample: docs/ltx2.md.
 
 `load_ltx2(path)` reads an LTX-2.3 transformer checkpoint (safetensors, diffusers' key layout or the
 official single-file one; one file or diffusers' shards) into `DiT(CONFIGS["ltx2-video"])`. The model
@@ -17,8 +18,9 @@ plus the empty prompt's (text.EMPTY_EMBEDS), and a copy of the manifest with "pr
 PATH is a local diffusers LTX-2.3 pipeline folder (model_index.json, text_encoder/, tokenizer/,
 connectors/); the `transformers` package runs Gemma.
 
-Key map: the table in README.md ("LTX-2.3 scale"); in code, OFFICIAL_RENAMES, TOP_LEVEL and
-IN_BLOCK_RENAMES below.
+Key map: the table in docs/ltx2.md; in code, OFFICIAL_RENAMES, TOP_LEVEL and IN_BLOCK_RENAMES (convert.py).
+Export (`python -m ltx2 export`, export.py): a DiT trained here back into diffusers' LTX2VideoTransformer3DModel
+layout on top of its base checkpoint (the inverse of the key map; the audio branch copied from the base).
 
 RoPE layout: model.py rotates each head's channels in the rotate-half ("split") layout. A checkpoint
 trained with the "interleaved" layout (pairs (2m, 2m+1)) is converted by permuting each head's
@@ -34,7 +36,8 @@ AdamW moments 8P/N, the EMA 4P/N (sharded like the weights; --ema 0: none); acti
 block inputs of n x dim in bf16 + one block's recompute, ~34 n dim bytes: Korthikanti et al.'s
 per-layer count without attention scores, which flash attention never stores), n = video tokens +
 reference tokens. Buffers, the VAE (frozen, encodes up front) and
-allocator fragmentation are not counted: keep ~10 % headroom.
+allocator fragmentation are not counted: keep ~10 % headroom. --lora-rank r adds the plan of train.py --lora-rank
+(data-parallel: the frozen DiT in fp32 on every GPU, the adapters' weights, gradients, AdamW moments and EMA).
 
-    python -m ltx2 memory-plan [--frames 121 --height 512 --width 768 --batch 32]
+    python -m ltx2 memory-plan [--frames 121 --height 512 --width 768 --batch 32 --lora-rank 64]
 """

@@ -20,6 +20,8 @@ OFFICIAL_RENAMES = [  # official single-file -> diffusers (regex, replacement)
     (r"^prompt_adaln_single\.", "prompt_adaln."),
     (r"\.q_norm\.", ".norm_q."),
     (r"\.k_norm\.", ".norm_k."),
+    (r"\.scale_shift_table_a2v_ca_video$", ".video_a2v_cross_attn_scale_shift_table"),  # audio-video: dropped
+    (r"\.scale_shift_table_a2v_ca_audio$", ".audio_a2v_cross_attn_scale_shift_table"),
 ]
 TOP_LEVEL = {  # diffusers module -> model.py module
     "proj_in": "patchify",
@@ -106,6 +108,11 @@ def interleaved_to_split(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.unflatten(0, (heads, -1, 2)).transpose(1, 2).flatten(0, 2)
 
 
+def split_to_interleaved(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """The inverse of interleaved_to_split: each head's channels from (0, 2, ..., 1, 3, ...) back to (0, 1, 2, ...)."""
+    return w.unflatten(0, (heads, 2, -1)).transpose(1, 2).flatten(0, 2)
+
+
 def convert_state_dict(checkpoint: Mapping, cfg: DiTConfig, rope_type: str = "split") -> dict:
     """An LTX-2.3 transformer state dict (diffusers or official names; tensors read lazily, one at a
     time) -> model.py's state dict for `cfg`. Raises one ValueError listing missing and unexpected keys."""
@@ -171,6 +178,21 @@ def load_ltx2(path: str | os.PathLike | list, cfg: DiTConfig = PRESETS["ltx2-vid
 # ----------------------------------------------------------------------------- the pipeline
 
 LTX2_SIZE, LTX2_FRAMES, LTX2_FPS = 512, 121, 24.0  # defaults: LTX-2's 121 frames at 24 fps; square frames
+LTX2_SCHEDULER = {"use_dynamic_shifting": True, "base_shift": 0.95, "max_shift": 2.05, "base_image_seq_len": 1024,
+                  "max_image_seq_len": 4096, "shift_terminal": 0.1}  # LTX-2.3's shipped scheduler config
+
+
+def scheduler_terminal(folder: str | os.PathLike) -> float:
+    """shift_terminal of the scheduler config beside an LTX-2.3 transformer (a pipeline folder's scheduler/), else
+    LTX-2.3's; a config whose dynamic shift differs from guidance.shift_for_tokens' (LTX-2.3's) is refused."""
+    p = Path(folder)
+    found = [f for f in (p / "scheduler", p.parent / "scheduler") if (f / "scheduler_config.json").is_file()]
+    config = {**LTX2_SCHEDULER, **(json.loads((found[0] / "scheduler_config.json").read_text()) if found else {})}
+    wrong = {k: config[k] for k, v in LTX2_SCHEDULER.items() if k != "shift_terminal" and config[k] != v}
+    if wrong:
+        raise ValueError(f"{found[0]}: scheduler settings {wrong} differ from LTX-2.3's {LTX2_SCHEDULER}, which the "
+                         f"sampler (guidance.shift_for_tokens) follows")
+    return float(config["shift_terminal"] or 0.0)
 
 
 def find_transformer(path: str | os.PathLike) -> tuple[list[Path], dict | None] | None:
@@ -217,4 +239,5 @@ def build_pipeline(transformer: str | os.PathLike, vae: str | os.PathLike = "", 
                          f"the transformer {cfg.in_channels}")
     dit = load_ltx2(files, cfg, rope_type)
     dit = dit if dtype is None else dit.to(dtype)
-    return Pipeline(autoencoder, None, dit, size or LTX2_SIZE, frames or LTX2_FRAMES, fps).check()
+    return Pipeline(autoencoder, None, dit, size or LTX2_SIZE, frames or LTX2_FRAMES, fps,
+                    scheduler_terminal(transformer)).check()

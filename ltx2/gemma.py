@@ -61,7 +61,7 @@ def gemma_encoder(path: str | os.PathLike, device: str = "cpu", max_length: int 
                           f"pip install diffusers transformers") from None
     dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     pipe = LTX2Pipeline.from_pretrained(str(p), transformer=None, vae=None, audio_vae=None, vocoder=None,
-                                        torch_dtype=dtype).to(device)
+                                        dtype=dtype).to(device)
 
     @torch.no_grad()
     def encode(prompt: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,6 +10,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 import torch.nn.functional as F
 from torch import nn
 
@@ -205,6 +206,28 @@ def test_precompute_landmarks_writes_what_the_manifest_dataset_reads(tmp_path):
     item = ds[0]
     assert item["face_present"].tolist() == [True] * 5
     torch.testing.assert_close(item["landmarks"][:, 0, 0], torch.tensor(8 * np.arange(5) + 4.5 - 10, dtype=torch.float32))
+
+
+def test_precompute_landmarks_detects_the_references_too(tmp_path):
+    """A line with a "reference" image: its landmarks go into the clip's .faces.npz; ManifestDataset maps them
+    through the reference's own resize and crop; an in-clip reference takes its frame's landmarks."""
+    video = -torch.ones(3, 6, 40, 60)
+    video[0, :, 10:20, 30:40] = 1.0  # a square at the centre column 34.5 in every frame
+    for f in range(6):  # frames that differ (Pillow merges equal GIF frames)
+        video[1, f, 30, f] = 1.0
+    for name in ("a", "b"):
+        data.save_video(tmp_path / f"{name}.gif", video, fps=6)
+    ref = -torch.ones(3, 80, 40)  # portrait: the crop keeps rows 20..59 of the 40-wide image
+    ref[0, 30:40, 4:14] = 1.0  # centre (8.5, 34.5) -> (8.5, 14.5) in the crop
+    Image.fromarray(data.to_uint8(ref)).save(tmp_path / "r.png")
+    (tmp_path / "m.jsonl").write_text(json.dumps({"video": "a.gif", "caption": "x", "reference": "r.png"}) + "\n" +
+                                      json.dumps({"video": "b.gif", "caption": "in clip"}) + "\n")
+    assert scrfd.precompute_landmarks(tmp_path / "m.jsonl", tmp_path / "f.jsonl", RedSquareDetector()) == 2
+    ds = data.ManifestDataset(tmp_path / "f.jsonl", frames=5, size=40, fps=6.0, train=False)
+    batch = data.collate([ds[0], ds[1]])
+    torch.testing.assert_close(batch["ref_landmarks"][0], torch.tensor([8.5, 14.5]).expand(5, 2))
+    torch.testing.assert_close(batch["ref_landmarks"][1], torch.tensor([34.5 - 10, 14.5]).expand(5, 2))
+    assert batch["ref_present"].tolist() == [True, True]
 
 
 def test_landmarks_command_reports_a_missing_detector(tmp_path, capsys):

@@ -301,6 +301,39 @@ def test_identity_loss_trains_with_the_bundled_face_model(vae_ckpt, tmp_path, gr
     assert any(abs(r["loss"] - r["l_flow"]) > 1e-6 for r in rows)  # the total is not L_flow alone
 
 
+def synth_manifest(root: Path, faces: bool) -> Path:
+    """Two synthetic clips as GIFs with their references as PNGs; with faces, .faces.npz files as python -m
+    interop.scrfd writes them, holding the world's ground-truth landmarks."""
+    import numpy as np
+
+    import data
+    batch = data.synth_batch(2, 32, 9, torch.Generator().manual_seed(5))
+    lines = []
+    for b in range(2):
+        data.save_video(root / f"c{b}.gif", batch["video"][b], fps=10)
+        Image.fromarray(data.to_uint8(batch["ref"][b])).save(root / f"r{b}.png")
+        line = {"video": f"c{b}.gif", "caption": batch["prompt"][b], "reference": f"r{b}.png"}
+        if faces:
+            np.savez(root / f"c{b}.gif.faces.npz", landmarks=batch["landmarks"][b].numpy(), present=np.ones(9, bool),
+                     ref_landmarks=batch["ref_landmarks"][b].numpy(), ref_present=True)
+            line["faces"] = f"c{b}.gif.faces.npz"
+        lines.append(json.dumps(line) + "\n")
+    (root / f"m{int(faces)}.jsonl").write_text("".join(lines))
+    return root / f"m{int(faces)}.jsonl"
+
+
+def test_identity_loss_on_a_manifest(tmp_path, capsys):
+    """Issue 16.3: real data brings the reference's landmarks (interop.scrfd); without them, one line says so."""
+    face = ["--face-model", str(ROOT / "assets" / "face_model"), "--p-r", "0", "--workers", "0", "--size", "32",
+            "--frames", "9", "--fps", "10", "--steps", "1", "--stage", "dit"]
+    with pytest.raises(SystemExit, match=r"needs face landmarks of the clips and of their references, this batch "
+                                         r"has no landmarks or ref_landmarks: run `python -m interop.scrfd"):
+        run(face + ["--data", str(synth_manifest(tmp_path, False)), "--out", str(tmp_path / "none")])
+    run(face + ["--data", str(synth_manifest(tmp_path, True)), "--out", str(tmp_path / "faces")])
+    row = json.loads((tmp_path / "faces" / "metrics.jsonl").read_text())
+    assert 0 < row["l_id"] <= 2 and 0 <= row["l_tic"] <= 2
+
+
 def test_face_terms_gradient_reaches_the_velocity(vae_ckpt):
     """The identity loss is differentiable through decode, alignment and the frozen embedder."""
     from infra import checkpoint
