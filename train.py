@@ -32,13 +32,12 @@ from faces import embed_faces
 from guidance import dropout_masks, shift_for_tokens, shift_time
 from infra import checkpoint
 from infra.cli import add_flags, config_from, flag, parser
-from infra.errors import UsageError, check_attn, read_safetensors, run_main
+from infra.errors import UsageError, check_attn, run_main
 from infra.distributed import full_state, peak_memory_gb, restore, setup_distributed, wrap
-from infra.lora import add_lora, adapter_state_dict, is_lora_key, merged_state_dict, save_adapter
-from infra.surgery import deepened, preset_checkpoint, rewidened
+from infra.lora import adapter_state_dict, is_lora_key, merged_state_dict, save_adapter
+from infra.surgery import apply_lora, build
 from losses import add_noise, clean_estimate, flow_loss, identity_loss, temporal_identity_loss, total_loss, w_aux
-from ltx2.convert import build_pipeline as build_ltx2_pipeline, find_transformer
-from pipeline import Pipeline, build_pipeline, generate
+from pipeline import generate
 from rope import REFERENCE_MODES
 from text import EMPTY_PROMPT, check_text_width, pad_prompt_embeds, text_pair, tokenize
 from vae import compute_latent_stats, face_weight, latent_weight
@@ -48,6 +47,8 @@ from world.synth import REF_SOURCES
 
 T_DISTS = ("logit-normal", "uniform")  # --t-dist, see sample_t
 
+
+# ----------------------------------------------------------------------------- config
 
 @dataclass
 class TrainConfig:
@@ -128,7 +129,7 @@ def parse_args(argv=None) -> TrainConfig:
     return config_from(TrainConfig, add_flags(parser("train.py", __doc__), TrainConfig).parse_args(argv))
 
 
-# ----------------------------------------------------------------------------- the trained module
+# ----------------------------------------------------------------------------- build: the trained module around the pipeline (infra/surgery.py builds the pipeline itself)
 
 class VAETrainer(nn.Module):
     """The VAE's training losses as a forward (so DDP/FSDP see the VAE)."""
@@ -154,107 +155,6 @@ class Denoiser(nn.Module):
         return self.dit(z_t, t, y, mask, z_ref=z_ref, ref_keep=ref_keep)
 
 
-def sample_t(batch: int, mu: float, g: torch.Generator, dist: str = "logit-normal") -> torch.Tensor:
-    """Training times: logit-normal u shifted like the sampler's schedule (guidance.shift_time), or uniform t."""
-    if dist == "uniform":
-        return torch.rand(batch, generator=g)
-    return shift_time(torch.sigmoid(torch.randn(batch, generator=g)), mu)
-
-
-def check_face_fields(batch) -> None:
-    """The identity loss needs the clip's and the reference's landmarks: one-line SystemExit when a batch lacks them."""
-    if missing := [k for k in ("landmarks", "ref_landmarks") if k not in batch]:
-        raise SystemExit(f"train.py: the identity loss (--face-model) needs face landmarks of the clips and of their "
-                         f"references, this batch has no {' or '.join(missing)}: run `python -m interop.scrfd "
-                         f"--manifest M` and train on the manifest it writes")
-
-
-def face_terms(cfg, pipe, embedder, z_t, t, v, batch, keep_ref):
-    """L_id and L_tic on the clean estimate (Sec. 3.3): decode the first id_frames latent
-    frames of z^_0 with the frozen VAE, align with the clip's landmarks, embed."""
-
-    check_face_fields(batch)
-    z0_hat = clean_estimate(z_t, t, v)[:, :, : cfg.id_frames]
-    if cfg.grad_checkpoint:  # recompute the decoder's activations in the backward pass
-        x = torch.utils.checkpoint.checkpoint(pipe.vae.decode, z0_hat, use_reentrant=False)
-    else:
-        x = pipe.vae.decode(z0_hat)  # [B, 3, F', S, S]
-    B, _, Fp = x.shape[:3]
-    e = embed_faces(embedder, x.transpose(1, 2).flatten(0, 1), batch["landmarks"][:, :Fp].flatten(0, 1)).view(B, Fp, -1)
-    with torch.no_grad():
-        e_ref = embed_faces(embedder, batch["ref"], batch["ref_landmarks"])  # the UNaugmented reference
-    m = batch.get("face_present", torch.ones(B, Fp, dtype=torch.bool, device=x.device))[:, :Fp]
-    m = m & keep_ref[:, None]  # no reference, no identity to keep
-    if "ref_present" in batch:  # no face found in the reference: nothing to compare with
-        m = m & batch["ref_present"][:, None].to(m.device)
-    return identity_loss(e, e_ref, m), temporal_identity_loss(e, m)
-
-
-# ----------------------------------------------------------------------------- loop helpers
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up, constant, then (--cooldown N) linear decay over the last N steps, ending at lr / N."""
-    cool = (cfg.steps - step) / cfg.cooldown if cfg.cooldown else 1.0
-    return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup), cool)
-
-
-@torch.no_grad()
-def ema_update(ema: dict[str, torch.Tensor], module: nn.Module, decay: float):
-    for k, p in module.state_dict().items():
-        if k in ema and p.dtype.is_floating_point:
-            ema[k].lerp_(p.detach().to(ema[k].dtype), 1 - decay)
-
-
-def build(cfg: TrainConfig, device) -> Pipeline:
-    """The pipeline: fresh for this preset, from --init (a checkpoint of the same preset), or for
-    --config ltx2 from LTX-2.3 weights (or a checkpoint of an ltx2 run, rebuilt from its config)."""
-    overrides = dict(ref_mode=None if cfg.ref == "none" else cfg.ref, attn_backend=cfg.attn, depth=cfg.depth or None,
-                     grad_checkpoint=cfg.grad_checkpoint, fps=cfg.fps, rope_theta=cfg.rope_theta or None)
-    from_ltx2 = bool(cfg.init) and find_transformer(cfg.init) is not None
-    if from_ltx2 and cfg.config != "ltx2":
-        sys.exit(f"train.py: --init {cfg.init} is an LTX-2.3 transformer checkpoint: pass --config ltx2")
-    if cfg.config == "ltx2" and cfg.stage == "vae":
-        sys.exit("train.py: --config ltx2 keeps the LTX-2 VAE frozen; --stage vae trains the project's own VAE")
-    if cfg.config == "ltx2" and cfg.latent_channels:
-        sys.exit("train.py: --latent-channels sizes the project's own VAE; the LTX-2 VAE has its own 128")
-    if cfg.config == "ltx2" and cfg.depth:
-        sys.exit("train.py: --depth grows the project's own DiT presets; an LTX-2.3 DiT keeps its 48 blocks")
-    if cfg.config == "ltx2" and not cfg.init:
-        sys.exit("train.py: --config ltx2 starts from LTX-2.3 weights: pass --init <LTX-2.3 transformer: diffusers "
-                 "folder or .safetensors> and --vae <LTX-2 VAE folder>")
-    try:
-        if from_ltx2:
-            dtype = None if cfg.fsdp else torch.float32  # FSDP: left memory-mapped, shard() makes fp32 shards
-            pipe = build_ltx2_pipeline(cfg.init, cfg.vae, cfg.size, cfg.frames, dtype=dtype, **overrides)
-        else:
-            src, saved = preset_checkpoint(cfg.init, cfg.config, "--init") if cfg.init else (None, None)
-            if cfg.config == "ltx2":  # a checkpoint of an ltx2 run describes its own pipeline
-                pipe, _ = checkpoint.load(src)
-                for name, value in overrides.items():  # runtime switches; the blocks share this config
-                    if value is not None:
-                        setattr(pipe.dit.cfg, name, value)
-            else:
-                if src and not cfg.rope_theta:  # --init's (and so --resume's) RoPE unless --rope-theta changes it
-                    overrides["rope_theta"] = saved["dit"]["rope_theta"]
-                pipe = build_pipeline(cfg.config, cfg.latent_channels, **overrides)
-                if src:
-                    weights = read_safetensors(src / "model.safetensors")
-                    if cfg.vae:  # --vae's VAE replaces --init's, which may be of another latent width
-                        weights = rewidened({k: v for k, v in weights.items() if not k.startswith("vae.")}, pipe.dit)
-                    checkpoint.load_state(pipe.modules(), deepened(weights, pipe.dit), strict=False)
-                if cfg.vae:  # another checkpoint's VAE (e.g. one trained further) in place of --init's
-                    vae_src, _ = preset_checkpoint(cfg.vae, cfg.config, "--vae")
-                    checkpoint.load_state({"vae": pipe.vae}, read_safetensors(vae_src / "model.safetensors"))
-            pipe.size, pipe.frames, pipe.fps = cfg.size or pipe.size, cfg.frames or pipe.frames, cfg.fps
-        pipe.with_frame(cfg.height, cfg.width).check()
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"train.py: {e}")
-    if cfg.fsdp:  # the trained modules stay on the CPU (memory-mapped where loaded): wrap() shards them
-        pipe.vae.to(device)
-        return pipe
-    return pipe.to(device)
-
-
 def check_run(cfg: TrainConfig, device) -> None:
     """The flags that only make sense together, checked before any work starts."""
     check_attn(cfg.attn, device)
@@ -265,15 +165,7 @@ def check_run(cfg: TrainConfig, device) -> None:
                          "--stage vae, or a base model> or --vae <a run of --stage vae>")
 
 
-def apply_lora(cfg: TrainConfig, pipe: Pipeline) -> None:
-    """--lora-rank: LoRA on the DiT's blocks, the rest of the pipeline frozen."""
-    if cfg.lora_rank and (cfg.stage != "dit" or cfg.fsdp):
-        raise UsageError("--lora-rank trains adapters on the DiT (--stage dit) without --fsdp (not supported yet)")
-    if cfg.lora_rank:
-        for module in pipe.modules().values():  # all frozen, then adapters on the DiT
-            module.requires_grad_(False)
-        add_lora(pipe.dit, cfg.lora_rank, cfg.lora_alpha or cfg.lora_rank)
-
+# ----------------------------------------------------------------------------- data
 
 def batches(cfg: TrainConfig, pipe, rank: int, world: int, device):
     """Yields (step_generator, batch) forever; synthetic batches are a pure function of the step."""
@@ -320,8 +212,6 @@ def batches(cfg: TrainConfig, pipe, rank: int, world: int, device):
     return manifest
 
 
-# ----------------------------------------------------------------------------- stages
-
 def pixel_face_weight(cfg, batch) -> torch.Tensor | None:
     """--face-weight's per-pixel weight of the batch's clips (vae.face_weight), or None when it is 0."""
     if not cfg.face_weight:
@@ -330,13 +220,6 @@ def pixel_face_weight(cfg, batch) -> torch.Tensor | None:
         raise SystemExit("train.py: --face-weight needs face landmarks: the synthetic world, or manifest lines "
                          "with \"faces\" (python -m interop.scrfd)")
     return face_weight(batch["landmarks"], batch["video"].shape[-1], cfg.face_weight, batch.get("face_present"))
-
-
-def vae_step(cfg, model, batch, autocast):
-    weight = pixel_face_weight(cfg, batch)
-    with autocast:
-        terms = model(batch["video"], weight)
-    return terms["total"], {k: v.item() for k, v in terms.items()}, batch["video"][:, 0].numel()  # tokens: pixels
 
 
 def drop_text_embeds(batch, keep_y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -361,6 +244,51 @@ def text_inputs(pipe, batch, keep_y):
     prompts = [p if k else EMPTY_PROMPT for p, k in zip(batch["prompt"], keep_y.tolist())]
     tokens, mask = tokenize(prompts, pipe.text.config.max_len)
     return tokens, mask, None
+
+
+# ----------------------------------------------------------------------------- step
+
+def sample_t(batch: int, mu: float, g: torch.Generator, dist: str = "logit-normal") -> torch.Tensor:
+    """Training times: logit-normal u shifted like the sampler's schedule (guidance.shift_time), or uniform t."""
+    if dist == "uniform":
+        return torch.rand(batch, generator=g)
+    return shift_time(torch.sigmoid(torch.randn(batch, generator=g)), mu)
+
+
+def check_face_fields(batch) -> None:
+    """The identity loss needs the clip's and the reference's landmarks: one-line SystemExit when a batch lacks them."""
+    if missing := [k for k in ("landmarks", "ref_landmarks") if k not in batch]:
+        raise SystemExit(f"train.py: the identity loss (--face-model) needs face landmarks of the clips and of their "
+                         f"references, this batch has no {' or '.join(missing)}: run `python -m interop.scrfd "
+                         f"--manifest M` and train on the manifest it writes")
+
+
+def face_terms(cfg, pipe, embedder, z_t, t, v, batch, keep_ref):
+    """L_id and L_tic on the clean estimate (Sec. 3.3): decode the first id_frames latent
+    frames of z^_0 with the frozen VAE, align with the clip's landmarks, embed."""
+
+    check_face_fields(batch)
+    z0_hat = clean_estimate(z_t, t, v)[:, :, : cfg.id_frames]
+    if cfg.grad_checkpoint:  # recompute the decoder's activations in the backward pass
+        x = torch.utils.checkpoint.checkpoint(pipe.vae.decode, z0_hat, use_reentrant=False)
+    else:
+        x = pipe.vae.decode(z0_hat)  # [B, 3, F', S, S]
+    B, _, Fp = x.shape[:3]
+    e = embed_faces(embedder, x.transpose(1, 2).flatten(0, 1), batch["landmarks"][:, :Fp].flatten(0, 1)).view(B, Fp, -1)
+    with torch.no_grad():
+        e_ref = embed_faces(embedder, batch["ref"], batch["ref_landmarks"])  # the UNaugmented reference
+    m = batch.get("face_present", torch.ones(B, Fp, dtype=torch.bool, device=x.device))[:, :Fp]
+    m = m & keep_ref[:, None]  # no reference, no identity to keep
+    if "ref_present" in batch:  # no face found in the reference: nothing to compare with
+        m = m & batch["ref_present"][:, None].to(m.device)
+    return identity_loss(e, e_ref, m), temporal_identity_loss(e, m)
+
+
+def vae_step(cfg, model, batch, autocast):
+    weight = pixel_face_weight(cfg, batch)
+    with autocast:
+        terms = model(batch["video"], weight)
+    return terms["total"], {k: v.item() for k, v in terms.items()}, batch["video"][:, 0].numel()  # tokens: pixels
 
 
 def dit_step(cfg, pipe, model, embedder, batch, g, autocast):
@@ -392,6 +320,21 @@ def dit_step(cfg, pipe, model, embedder, batch, g, autocast):
         logs.update(l_id=l_id.mean().item(), l_tic=l_tic.mean().item())
     loss = total_loss(l_flow, t, l_id, l_tic, cfg.lambda_id, cfg.lambda_tic, cfg.gamma)
     return loss, logs, B * (T + (z_ref is not None)) * H * W  # tokens: video + reference
+
+
+# ----------------------------------------------------------------------------- loop
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, constant, then (--cooldown N) linear decay over the last N steps, ending at lr / N."""
+    cool = (cfg.steps - step) / cfg.cooldown if cfg.cooldown else 1.0
+    return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup), cool)
+
+
+@torch.no_grad()
+def ema_update(ema: dict[str, torch.Tensor], module: nn.Module, decay: float):
+    for k, p in module.state_dict().items():
+        if k in ema and p.dtype.is_floating_point:
+            ema[k].lerp_(p.detach().to(ema[k].dtype), 1 - decay)
 
 
 def open_metrics(path: Path, resumed_step: int | None):
@@ -493,6 +436,8 @@ def train(cfg: TrainConfig) -> Path:
         dist.destroy_process_group()
     return out
 
+
+# ----------------------------------------------------------------------------- save
 
 def export_weights(cfg, pipe, raw, ema, next_batch) -> dict[str, torch.Tensor]:
     """Inference weights: the frozen modules', then the EMA of what this stage trains (`raw`: its full state

@@ -15,6 +15,9 @@ from safetensors.torch import load_file
 
 from infra import checkpoint
 import train
+from infra.errors import UsageError
+
+EXPECTED = (SystemExit, UsageError)  # the errors main() turns into one line and exit 2
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["--config", "tiny", "--batch", "2", "--no-progress", "--log-every", "1", "--warmup", "2", "--lr", "1e-3"]
@@ -87,7 +90,7 @@ def test_vae_flag_swaps_in_another_checkpoints_vae(vae_ckpt, tmp_path):
     assert not torch.equal(w_dit["vae.latent_std"], w_vae["vae.latent_std"])  # two different VAEs
     for k in w_out:
         assert torch.equal(w_out[k], (w_vae if k.startswith("vae.") else w_dit)[k]), k
-    with pytest.raises(SystemExit, match="--config tiny, not demo"):
+    with pytest.raises(EXPECTED, match="--config tiny, not demo"):
         train.train(train.parse_args(["--config", "demo", "--vae", str(vae2), "--out", str(tmp_path), "--steps", "1"]))
 
 
@@ -130,7 +133,7 @@ def test_depth_grows_the_init_dit_as_the_same_function(vae_ckpt, tmp_path):
     run(["--stage", "dit", "--init", str(shallow), "--depth", "4", "--steps", "1", "--out", str(grown)])
     w, _ = weights(grown)
     assert w["dit.blocks.3.ff.2.weight"].abs().max() > 0  # the new blocks leave the identity
-    with pytest.raises(SystemExit, match="shallower than --init's DiT"):
+    with pytest.raises(EXPECTED, match="shallower than --init's DiT"):
         run(["--stage", "dit", "--init", str(grown), "--depth", "2", "--steps", "1", "--out", str(tmp_path / "x")])
 
 
@@ -171,7 +174,7 @@ def test_vae_of_another_latent_width_keeps_the_init_dits_body(vae_ckpt, tmp_path
     for k, v in got.items():
         if k not in fresh:
             assert torch.equal(v, (w_vae if k.startswith("vae.") else w_init)[k]), k
-    with pytest.raises(SystemExit, match="does not fit the vae module"):
+    with pytest.raises(EXPECTED, match="does not fit the vae module"):
         train.build(train.parse_args(COMMON + ["--init", str(narrow)]), torch.device("cpu"))
 
 
@@ -181,19 +184,19 @@ def test_vae_stage_writes_latent_statistics(vae_ckpt):
 
 
 def test_init_from_another_config_is_a_clear_error(vae_ckpt, tmp_path):
-    with pytest.raises(SystemExit, match="--config tiny"):
+    with pytest.raises(EXPECTED, match="--config tiny"):
         train.train(train.parse_args(["--config", "demo", "--stage", "dit", "--init", str(vae_ckpt), "--out", str(tmp_path), "--steps", "1"]))
 
 
 def test_fsdp_without_torchrun_and_missing_manifest_are_clear_errors(tmp_path):
-    with pytest.raises(SystemExit, match="--fsdp shards over the processes torchrun starts"):
+    with pytest.raises(EXPECTED, match="--fsdp shards over the processes torchrun starts"):
         run(["--fsdp", "--steps", "1", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit, match=r"--fsdp shards the DiT \(--stage dit\)"):
+    with pytest.raises(EXPECTED, match=r"--fsdp shards the DiT \(--stage dit\)"):
         run(["--fsdp", "--stage", "vae", "--steps", "1", "--out", str(tmp_path)])
     with pytest.raises(FileNotFoundError, match="manifest not found"):
         run(["--stage", "vae", "--data", str(tmp_path / "none.jsonl"), "--steps", "1", "--out", str(tmp_path)])
     (tmp_path / "one.jsonl").write_text(json.dumps({"video": "a.gif", "caption": "a person nods"}))
-    with pytest.raises(SystemExit, match="has 1 clips, fewer than one step needs"):  # not an endless loop
+    with pytest.raises(EXPECTED, match="has 1 clips, fewer than one step needs"):  # not an endless loop
         run(["--stage", "vae", "--data", str(tmp_path / "one.jsonl"), "--workers", "0", "--steps", "1", "--out", str(tmp_path)])
 
 
@@ -209,11 +212,11 @@ def test_face_weighted_vae_and_dit_stages_and_the_missing_landmarks_error(vae_ck
     frames = [Image.new("RGB", (32, 32), (10 * i, 80, 160)) for i in range(12)]
     frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:], duration=100)  # 1.2 s at 10 fps
     (tmp_path / "real.jsonl").write_text(json.dumps({"video": str(tmp_path / "a.gif"), "caption": "a person nods"}) + "\n")
-    with pytest.raises(SystemExit, match="--face-weight needs face landmarks"):  # a manifest line without "faces"
+    with pytest.raises(EXPECTED, match="--face-weight needs face landmarks"):  # a manifest line without "faces"
         run(["--stage", "vae", "--data", str(tmp_path / "real.jsonl"), "--batch", "1", "--workers", "0", "--face-weight", "4",
              "--steps", "1", "--out", str(tmp_path / "real")])
     frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:4], duration=100)  # 0.4 s: too short
-    with pytest.raises(SystemExit, match=r"no clip of .* could be read \(1 skipped; last: .*clip too short"):  # not an endless loop
+    with pytest.raises(EXPECTED, match=r"no clip of .* could be read \(1 skipped; last: .*clip too short"):  # not an endless loop
         run(["--stage", "vae", "--data", str(tmp_path / "real.jsonl"), "--batch", "1", "--workers", "0", "--steps", "1",
              "--out", str(tmp_path / "real")])
 
@@ -282,7 +285,7 @@ def test_fsdp_two_processes_match_one_process(vae_ckpt, tmp_path):
     pipe, _ = checkpoint.load(out)  # the checkpoint in a plain process
     for k, v in checkpoint.state_dict(pipe.modules()).items():
         assert torch.equal(v, w[k]), k
-    with pytest.raises(SystemExit, match="written with --fsdp: resume it with --fsdp"):
+    with pytest.raises(EXPECTED, match="written with --fsdp: resume it with --fsdp"):
         run(["--stage", "dit", "--steps", "4", "--resume", "--out", str(out)])
 
 
@@ -322,11 +325,11 @@ def synth_manifest(root: Path, faces: bool) -> Path:
     return root / f"m{int(faces)}.jsonl"
 
 
-def test_identity_loss_on_a_manifest(tmp_path, capsys):
+def test_identity_loss_on_a_manifest(tmp_path, vae_ckpt, capsys):
     """Issue 16.3: real data brings the reference's landmarks (interop.scrfd); without them, one line says so."""
     face = ["--face-model", str(ROOT / "assets" / "face_model"), "--p-r", "0", "--workers", "0", "--size", "32",
-            "--frames", "9", "--fps", "10", "--steps", "1", "--stage", "dit"]
-    with pytest.raises(SystemExit, match=r"needs face landmarks of the clips and of their references, this batch "
+            "--frames", "9", "--fps", "10", "--steps", "1", "--stage", "dit", "--init", str(vae_ckpt)]
+    with pytest.raises(EXPECTED, match=r"needs face landmarks of the clips and of their references, this batch "
                                          r"has no landmarks or ref_landmarks: run `python -m interop.scrfd"):
         run(face + ["--data", str(synth_manifest(tmp_path, False)), "--out", str(tmp_path / "none")])
     run(face + ["--data", str(synth_manifest(tmp_path, True)), "--out", str(tmp_path / "faces")])
