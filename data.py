@@ -281,12 +281,12 @@ def contact_sheet(rows: list[tuple[torch.Tensor, torch.Tensor, str]], scale: int
 # ----------------------------------------------------------------------------- the synthetic world
 
 def synth_batch(batch: int, size: int, frames: int, generator: torch.Generator, ref_source: str = "cross",
-                device="cpu", split: str = "train") -> dict:
+                device="cpu", split: str = "train", framing: str = "wide") -> dict:
     """A batch of the synthetic world (synth.py): clips, references, prompts, landmarks.
     ref_source: cross (another shot of the identity), portrait (another shot posed like an ID photo),
-    in_clip (a frame of the clip), or mix (in_clip or cross, half each)."""
+    in_clip (a frame of the clip), or mix (in_clip or cross, half each); framing: synth.FRAMINGS."""
     from synth import SynthWorld
 
     if ref_source == "mix":
         ref_source = "in_clip" if torch.rand(1, generator=generator).item() < 0.5 else "cross"
-    return SynthWorld().sample(batch, split, frames, size, ref_source, generator=generator, device=device)
+    return SynthWorld(framing=framing).sample(batch, split, frames, size, ref_source, generator=generator, device=device)

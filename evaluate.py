@@ -53,7 +53,7 @@ from cli import flag
 from data import AV_SUFFIXES, PIL_SUFFIXES, contact_sheet, load_image, read_frames, resize_center_crop, to_tensor
 from faces import SynthNetConfig, conv_stack, embed_faces, resize_frames
 from sample import generate
-from synth import ACTIONS, REF_SOURCES, SCENES, SynthWorld, parse_prompt
+from synth import ACTIONS, FRAMINGS, REF_SOURCES, SCENES, SynthWorld, parse_prompt
 
 WORLD_MODEL = Path(__file__).resolve().parent / "assets" / "world_model"
 WORLD_SIZE = 32      # frames are resized to this side for the world's classifiers
@@ -281,7 +281,7 @@ def markdown_table(rows: dict[str, dict]) -> str:
 
 def benchmark(judges: Judges, ckpt, n: int = 32, steps: int = 20, s_y: float = 5.0, s_r: float = 7.5,
               seed: int = 0, device="cpu", sheet: str | None = None, sheet_rows: int = 4,
-              ref: str = "cross") -> dict[str, dict]:
+              ref: str = "cross", framing: str = "wide") -> dict[str, dict]:
     """The synthetic test set (held-out identities, template prompts, references as SynthWorld.sample's
     `ref`: "cross", another clip of the identity, "portrait", one posed like an ID photo, or
     "in_clip", a frame of the clip itself):
@@ -289,7 +289,7 @@ def benchmark(judges: Judges, ckpt, n: int = 32, steps: int = 20, s_y: float = 5
     on it) and the model's videos, each summarised. `sheet`:
     a PNG of the first sheet_rows clips, each generated row above the real clip of its identity."""
     pipe, _ = checkpoint.load(ckpt, device)
-    batch = SynthWorld().sample(n, "test", pipe.frames, pipe.size, ref, seed=seed)
+    batch = SynthWorld(framing=framing).sample(n, "test", pipe.frames, pipe.size, ref, seed=seed)
     start = time.perf_counter()
     videos = torch.stack([generate(pipe, batch["ref"][b], batch["prompt"][b], s_y, s_r, steps, seed + b, progress=False).cpu()
                           for b in range(n)])
@@ -311,11 +311,11 @@ def benchmark(judges: Judges, ckpt, n: int = 32, steps: int = 20, s_y: float = 5
 
 @torch.no_grad()
 def reconstruction(vae, n: int = 64, size: int = 32, frames: int = 9, seed: int = 0, batch: int = 16,
-                   sheet: str | None = None, sheet_rows: int = 4) -> dict:
+                   sheet: str | None = None, sheet_rows: int = 4, framing: str = "wide") -> dict:
     """The VAE on held-out clips and reference images of the synthetic world: PSNR (dB, pixel
     range [-1, 1], so peak-to-peak 2) and mean absolute error of decode(encode(x)), the mean.
     `sheet`: a PNG of the first sheet_rows clips (reference | frames), each above its reconstruction."""
-    world, sums = SynthWorld(), {"video": [0.0, 0.0], "image": [0.0, 0.0]}
+    world, sums = SynthWorld(framing=framing), {"video": [0.0, 0.0], "image": [0.0, 0.0]}
     for start in range(0, n, batch):
         b = world.sample(min(batch, n - start), "test", frames, size, "cross", seed=seed + start)
         out = {}
@@ -423,6 +423,9 @@ def main(argv=None) -> int:
                         "paper's setting), portrait (the same, posed like an ID photo: centred, fixed size, mild "
                         "pose) or in_clip (a frame of the clip itself: nothing to carry across pose, position or "
                         "light; the copy-paste trap)")
+    p.add_argument("--framing", default="wide", choices=FRAMINGS,
+                   help="--benchmark, --recon: synthetic camera framing, wide (the original world) or closeup (head "
+                        "and shoulders filling the frame)")
     p.add_argument("--videos", nargs="+", default=None, help="video files or folders of them to score")
     p.add_argument("--refs", nargs="+", default=[], help="reference image per video (or one for all)")
     p.add_argument("--prompts", nargs="+", default=[], help="prompt per video (or one for all)")
@@ -452,12 +455,13 @@ def main(argv=None) -> int:
         if args.recon:
             pipe, _ = checkpoint.load(args.ckpt)
             print(json.dumps(reconstruction(pipe.vae.eval(), args.n, pipe.size, pipe.frames, args.seed,
-                                            sheet=args.sheet, sheet_rows=args.sheet_rows), indent=2))
+                                            sheet=args.sheet, sheet_rows=args.sheet_rows, framing=args.framing),
+                             indent=2))
             return 0
         judges = load_judges(args.face_model, args.world_model, args.face_onnx)
         if args.benchmark:
             rows = benchmark(judges, args.ckpt, args.n, args.steps, args.s_text, args.s_ref, args.seed, args.device,
-                             args.sheet, args.sheet_rows, args.ref_source)
+                             args.sheet, args.sheet_rows, args.ref_source, args.framing)
         else:
             per_video = [evaluate_videos(judges, *item) for item in read_videos(args.videos, args.refs, args.prompts)]
             rows = {"videos": summarise({k: torch.cat([m[k] for m in per_video]) for k in per_video[0]})}

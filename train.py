@@ -85,6 +85,8 @@ class TrainConfig:
     id_frames: int = flag(2, "latent frames decoded for the face loss (from the first)")
     ref_source: str = flag("cross", "synthetic references: cross (other clip of the identity), portrait (another "
                                      "shot posed like an ID photo: centred, fixed size, mild pose), in_clip, or mix")
+    framing: str = flag("wide", "synthetic camera framing: wide (the original world) or closeup (head and shoulders "
+                                "filling the frame; synth.frame_state)")
     augment: bool = flag(True, "reference augmentation (flip, rotation, crop, colour jitter)")
     fsdp: bool = flag(False, "shard the dit stage with FSDP2 under torchrun: no rank copies the whole DiT (weights "
                              "memory-mapped, the model on the meta device until fully_shard per block; bf16 params, "
@@ -372,7 +374,8 @@ def batches(cfg: TrainConfig, pipe, rank: int, world: int, device):
     if cfg.data == "synth":
         def synth(step):
             g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rank * 7_919 + step)
-            return g, data.synth_batch(cfg.batch, pipe.size, pipe.frames, g, cfg.ref_source, device)
+            return g, data.synth_batch(cfg.batch, pipe.size, pipe.frames, g, cfg.ref_source, device,
+                                             framing=cfg.framing)
         return synth
     dataset = data.ManifestDataset(cfg.data, pipe.frames, pipe.size, cfg.fps, train=True, seed=cfg.seed)
     sampler = torch.utils.data.DistributedSampler(dataset, world, rank, seed=cfg.seed) if world > 1 else None
