@@ -252,10 +252,34 @@ def evaluate_videos(judges: Judges, videos: torch.Tensor, refs: torch.Tensor, pr
     return out
 
 
+BOOTSTRAP = 2000  # resamples of the 95% bootstrap intervals
+
+
+def bootstrap_ci(values: torch.Tensor, level: float = 0.95, resamples: int = BOOTSTRAP, seed: int = 0):
+    """Percentile bootstrap interval of the mean of `values` [N] over the videos that have one
+    (NaN: left out, as in summarise): resample them with replacement `resamples` times, take the
+    (1-level)/2 and (1+level)/2 quantiles of the resampled means. (lo, hi); None without values.
+    ID top-1 is resampled per video with the gallery of references held fixed."""
+    v = values.double().flatten()
+    v = v[~v.isnan()]
+    if len(v) == 0:
+        return None
+    g = torch.Generator().manual_seed(seed)
+    means = v[torch.randint(len(v), (resamples, len(v)), generator=g)].mean(1)
+    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+    lo, hi = torch.quantile(means, q).tolist()
+    return lo, hi
+
+
 def summarise(per_video: dict) -> dict:
-    """Mean of each metric over the videos that have it; skipped_frames summed; counts."""
+    """Mean of each metric over the videos that have it, with its 95% bootstrap interval
+    (`<metric>_ci`: [lo, hi]); skipped_frames summed; counts."""
     summary = {k: torch.nanmean(v.float()).item() for k, v in per_video.items() if k != "skipped_frames"}
     summary = {k: None if math.isnan(v) else v for k, v in summary.items()}  # JSON has no NaN
+    for k, v in per_video.items():
+        if k != "skipped_frames" and summary.get(k) is not None:
+            ci = bootstrap_ci(v)
+            summary[f"{k}_ci"] = None if ci is None else list(ci)
     summary["skipped_frames"] = int(per_video["skipped_frames"].sum())
     summary["videos"] = len(per_video["face_sim"])
     summary["videos_with_face_sim"] = int((~per_video["face_sim"].isnan()).sum())
@@ -268,12 +292,16 @@ TABLE = (("face_sim", "FaceSim ↑"), ("id_top1", "ID top-1 ↑"), ("face_frames
 
 
 def markdown_table(rows: dict[str, dict]) -> str:
-    """The paper-style table: one row per method (name -> summarise() output)."""
-    def cell(v):
-        return "n/a" if v is None or math.isnan(v) else f"{v:.3f}"
+    """The paper-style table: one row per method (name -> summarise() output); a figure with an
+    interval (`<metric>_ci`) prints as `mean [lo, hi]` (95% bootstrap over the videos)."""
+    def cell(v, ci=None):
+        if v is None or math.isnan(v):
+            return "n/a"
+        return f"{v:.3f}" if not ci else f"{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
 
     lines = ["| | " + " | ".join(h for _, h in TABLE) + " |", "|---" * (len(TABLE) + 1) + "|"]
-    lines += [f"| {name} | " + " | ".join(cell(row.get(k)) for k, _ in TABLE) + " |" for name, row in rows.items()]
+    lines += [f"| {name} | " + " | ".join(cell(row.get(k), row.get(f"{k}_ci")) for k, _ in TABLE) + " |"
+              for name, row in rows.items()]
     return "\n".join(lines)
 
 
