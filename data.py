@@ -243,10 +243,13 @@ def collate(items: list[dict]) -> dict:
 def augment_reference(x: torch.Tensor, generator: torch.Generator | None = None, flip_p: float = 0.5,
                       max_rot_deg: float = 10.0, min_crop: float = 0.85, jitter: float = 0.1) -> torch.Tensor:
     """Reference augmentation (Sec. 3.3): random horizontal flip, rotation up to max_rot_deg,
-    crop to a fraction >= min_crop of the side (resized back), brightness/contrast/saturation
-    jitter. x [B, 3, H, W] in [-1, 1]; one affine warp per image, vectorised."""
+    crop to a fraction >= min_crop of the side (resized back), then colour jitter, each factor
+    uniform in [1 - jitter, 1 + jitter]: brightness (gain), contrast (about the image's mean
+    grey level) and saturation (towards each pixel's grey), in that order, on [0, 1] pixels.
+    x [B, 3, H, W] in [-1, 1]; one affine warp per image, vectorised. Uniforms: torch.rand(B, 8)
+    (flip, angle, crop, x, y, brightness, saturation, contrast)."""
     B = x.shape[0]
-    u = torch.rand(B, 7, generator=generator).to(x.device, x.dtype)
+    u = torch.rand(B, 8, generator=generator).to(x.device, x.dtype)
     flip = torch.where(u[:, 0] < flip_p, -1.0, 1.0).to(x)
     angle = (2 * u[:, 1] - 1) * math.radians(max_rot_deg)
     scale = min_crop + (1 - min_crop) * u[:, 2]  # zoom into a crop of side `scale`
@@ -256,12 +259,12 @@ def augment_reference(x: torch.Tensor, generator: torch.Generator | None = None,
     theta = torch.stack([torch.stack([cos * flip, -sin, tx], -1), torch.stack([sin * flip, cos, ty], -1)], 1)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-    # colour jitter: brightness and contrast on luma, saturation towards grey
-    bright = 1 + jitter * (2 * u[:, 5] - 1)
-    sat = 1 + jitter * (2 * u[:, 6] - 1)
-    img = (x + 1) / 2 * bright[:, None, None, None]
+    bright, sat, contrast = (1 + jitter * (2 * u[:, k] - 1)[:, None, None, None] for k in (5, 6, 7))
+    img = (x + 1) / 2 * bright
+    mean = img.mean((1, 2, 3), keepdim=True)  # the mean grey level (grey = channel mean)
+    img = mean + contrast * (img - mean)
     grey = img.mean(1, keepdim=True)
-    img = grey + sat[:, None, None, None] * (img - grey)
+    img = grey + sat * (img - grey)
     return (img.clamp(0, 1) * 2 - 1)
 
 
@@ -324,11 +327,11 @@ def portrait_framing(n: int = 64, size: int = 64, seed: int = 0) -> torch.Tensor
 
 
 def synth_batch(batch: int, size: int, frames: int, generator: torch.Generator, ref_source: str = "cross",
-                device="cpu", split: str = "train") -> dict:
+                device="cpu", split: str = "train", framing: str = "wide") -> dict:
     """A batch of the synthetic world (synth.py): clips, references, prompts, landmarks.
     ref_source: cross (another shot of the identity), portrait (another shot posed like an ID photo),
-    in_clip (a frame of the clip), or mix (in_clip or cross, half each)."""
+    in_clip (a frame of the clip), or mix (in_clip or cross, half each); framing: world.synth.FRAMINGS."""
 
     if ref_source == "mix":
         ref_source = "in_clip" if torch.rand(1, generator=generator).item() < 0.5 else "cross"
-    return SynthWorld().sample(batch, split, frames, size, ref_source, generator=generator, device=device)
+    return SynthWorld(framing=framing).sample(batch, split, frames, size, ref_source, generator=generator, device=device)

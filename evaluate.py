@@ -55,7 +55,7 @@ from infra.errors import check_device, check_suffix, check_writable, run_main
 from pipeline import generate
 from world.face_nets import SYNTH_FACE_MODEL, resize_frames
 from world.judges import WORLD_MODEL, WORLD_SIZE, Judges, accuracy, face_size, load_judges
-from world.synth import REF_SOURCES, SynthWorld, parse_prompt
+from world.synth import FRAMINGS, REF_SOURCES, SynthWorld, parse_prompt
 
 FACE_THRESHOLD = 0.5  # detector score above which a frame has a face
 POSE_SCALE = 0.25    # face sizes at which copy_pose has fallen to 1/e
@@ -162,10 +162,34 @@ def evaluate_videos(judges: Judges, videos: torch.Tensor, refs: torch.Tensor, pr
     return out
 
 
+BOOTSTRAP = 2000  # resamples of the 95% bootstrap intervals
+
+
+def bootstrap_ci(values: torch.Tensor, level: float = 0.95, resamples: int = BOOTSTRAP, seed: int = 0):
+    """Percentile bootstrap interval of the mean of `values` [N] over the videos that have one
+    (NaN: left out, as in summarise): resample them with replacement `resamples` times, take the
+    (1-level)/2 and (1+level)/2 quantiles of the resampled means. (lo, hi); None without values.
+    ID top-1 is resampled per video with the gallery of references held fixed."""
+    v = values.double().flatten()
+    v = v[~v.isnan()]
+    if len(v) == 0:
+        return None
+    g = torch.Generator().manual_seed(seed)
+    means = v[torch.randint(len(v), (resamples, len(v)), generator=g)].mean(1)
+    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+    lo, hi = torch.quantile(means, q).tolist()
+    return lo, hi
+
+
 def summarise(per_video: dict) -> dict:
-    """Mean of each metric over the videos that have it; skipped_frames summed; counts."""
+    """Mean of each metric over the videos that have it, with its 95% bootstrap interval
+    (`<metric>_ci`: [lo, hi]); skipped_frames summed; counts."""
     summary = {k: torch.nanmean(v.float()).item() for k, v in per_video.items() if k != "skipped_frames"}
     summary = {k: None if math.isnan(v) else v for k, v in summary.items()}  # JSON has no NaN
+    for k, v in per_video.items():
+        if k != "skipped_frames" and summary.get(k) is not None:
+            ci = bootstrap_ci(v)
+            summary[f"{k}_ci"] = None if ci is None else list(ci)
     summary["skipped_frames"] = int(per_video["skipped_frames"].sum())
     summary["videos"] = len(per_video["face_sim"])
     summary["videos_with_face_sim"] = int((~per_video["face_sim"].isnan()).sum())
@@ -178,12 +202,16 @@ TABLE = (("face_sim", "FaceSim ↑"), ("id_top1", "ID top-1 ↑"), ("face_frames
 
 
 def markdown_table(rows: dict[str, dict]) -> str:
-    """The paper-style table: one row per method (name -> summarise() output)."""
-    def cell(v):
-        return "n/a" if v is None or math.isnan(v) else f"{v:.3f}"
+    """The paper-style table: one row per method (name -> summarise() output); a figure with an
+    interval (`<metric>_ci`) prints as `mean [lo, hi]` (95% bootstrap over the videos)."""
+    def cell(v, ci=None):
+        if v is None or math.isnan(v):
+            return "n/a"
+        return f"{v:.3f}" if not ci else f"{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
 
     lines = ["| | " + " | ".join(h for _, h in TABLE) + " |", "|---" * (len(TABLE) + 1) + "|"]
-    lines += [f"| {name} | " + " | ".join(cell(row.get(k)) for k, _ in TABLE) + " |" for name, row in rows.items()]
+    lines += [f"| {name} | " + " | ".join(cell(row.get(k), row.get(f"{k}_ci")) for k, _ in TABLE) + " |"
+              for name, row in rows.items()]
     return "\n".join(lines)
 
 
@@ -191,7 +219,7 @@ def markdown_table(rows: dict[str, dict]) -> str:
 
 def benchmark(judges: Judges, ckpt, n: int = 32, steps: int = 20, s_y: float = 5.0, s_r: float = 7.5,
               seed: int = 0, device="cpu", sheet: str | None = None, sheet_rows: int = 4,
-              ref: str = "cross") -> dict[str, dict]:
+              ref: str = "cross", framing: str = "wide") -> dict[str, dict]:
     """The synthetic test set (held-out identities, template prompts, references as SynthWorld.sample's
     `ref`: "cross", another clip of the identity, "portrait", one posed like an ID photo, or
     "in_clip", a frame of the clip itself):
@@ -199,7 +227,7 @@ def benchmark(judges: Judges, ckpt, n: int = 32, steps: int = 20, s_y: float = 5
     on it) and the model's videos, each summarised. `sheet`:
     a PNG of the first sheet_rows clips, each generated row above the real clip of its identity."""
     pipe, _ = checkpoint.load(ckpt, device)
-    batch = SynthWorld().sample(n, "test", pipe.frames, pipe.size, ref, seed=seed)
+    batch = SynthWorld(framing=framing).sample(n, "test", pipe.frames, pipe.size, ref, seed=seed)
     start = time.perf_counter()
     videos = torch.stack([generate(pipe, batch["ref"][b], batch["prompt"][b], s_y, s_r, steps, seed + b, progress=False).cpu()
                           for b in range(n)])
@@ -221,11 +249,11 @@ def benchmark(judges: Judges, ckpt, n: int = 32, steps: int = 20, s_y: float = 5
 
 @torch.no_grad()
 def reconstruction(vae, n: int = 64, size: int = 32, frames: int = 9, seed: int = 0, batch: int = 16,
-                   sheet: str | None = None, sheet_rows: int = 4) -> dict:
+                   sheet: str | None = None, sheet_rows: int = 4, framing: str = "wide") -> dict:
     """The VAE on held-out clips and reference images of the synthetic world: PSNR (dB, pixel
     range [-1, 1], so peak-to-peak 2) and mean absolute error of decode(encode(x)), the mean.
     `sheet`: a PNG of the first sheet_rows clips (reference | frames), each above its reconstruction."""
-    world, sums = SynthWorld(), {"video": [0.0, 0.0], "image": [0.0, 0.0]}
+    world, sums = SynthWorld(framing=framing), {"video": [0.0, 0.0], "image": [0.0, 0.0]}
     for start in range(0, n, batch):
         b = world.sample(min(batch, n - start), "test", frames, size, "cross", seed=seed + start)
         out = {}
@@ -276,6 +304,8 @@ class EvalConfig:
                                     "identity: other pose, light, scene; the paper's setting), portrait (the same, "
                                     "posed like an ID photo) or in_clip (a frame of the clip itself: the copy-paste trap)",
                       choices=REF_SOURCES)
+    framing: str = flag("wide", "--benchmark, --recon: synthetic camera framing, wide (the original world) or closeup "
+                                "(head and shoulders filling the frame)", choices=FRAMINGS)
     videos: list = flag([], "video files or folders of them to score")
     refs: list = flag([], "reference image per video (or one for all)")
     prompts: list = flag([], "prompt per video (or one for all)")
@@ -304,12 +334,13 @@ def evaluate(argv=None) -> None:
     if args.recon:
         pipe, _ = checkpoint.load(args.ckpt)
         print(json.dumps(reconstruction(pipe.vae.eval(), args.n, pipe.size, pipe.frames, args.seed,
-                                        sheet=args.sheet or None, sheet_rows=args.sheet_rows), indent=2))
+                                        sheet=args.sheet or None, sheet_rows=args.sheet_rows, framing=args.framing),
+                         indent=2))
         return
     judges = load_judges(args.face_model, args.world_model, args.face_onnx or None)
     if args.benchmark:
         rows = benchmark(judges, args.ckpt, args.n, args.steps, args.s_text, args.s_ref, args.seed, args.device,
-                         args.sheet or None, args.sheet_rows, args.ref_source)
+                         args.sheet or None, args.sheet_rows, args.ref_source, args.framing)
     else:
         per_video = [evaluate_videos(judges, *item) for item in read_videos(args.videos, args.refs, args.prompts)]
         rows = {"videos": summarise({k: torch.cat([m[k] for m in per_video]) for k in per_video[0]})}

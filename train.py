@@ -42,7 +42,7 @@ from rope import REFERENCE_MODES
 from text import EMPTY_PROMPT, check_text_width, pad_prompt_embeds, text_pair, tokenize
 from vae import compute_latent_stats, face_weight, latent_weight
 from world.face_nets import load_embedder
-from world.synth import REF_SOURCES
+from world.synth import FRAMINGS, REF_SOURCES
 
 
 T_DISTS = ("logit-normal", "uniform")  # --t-dist, see sample_t
@@ -100,6 +100,8 @@ class TrainConfig:
     ref_source: str = flag("cross", "synthetic references: cross (other clip of the identity), portrait (another "
                                      "shot posed like an ID photo: centred, fixed size, mild pose), in_clip, or mix",
                            choices=(*REF_SOURCES, "mix"))
+    framing: str = flag("wide", "synthetic camera framing: wide (the original world) or closeup (head and shoulders "
+                                "filling the frame; world.synth.frame_state)", choices=FRAMINGS)
     augment: bool = flag(True, "reference augmentation (flip, rotation, crop, colour jitter)")
     fsdp: bool = flag(False, "shard the dit stage with FSDP2 under torchrun: no rank copies the whole DiT (weights "
                              "memory-mapped, the model on the meta device until fully_shard per block; bf16 params, "
@@ -174,7 +176,8 @@ def batches(cfg: TrainConfig, pipe, rank: int, world: int, device):
     if cfg.data == "synth":
         def synth(step):
             g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rank * 7_919 + step)
-            return g, data.synth_batch(cfg.batch, pipe.size, pipe.frames, g, cfg.ref_source, device)
+            return g, data.synth_batch(cfg.batch, pipe.size, pipe.frames, g, cfg.ref_source, device,
+                                             framing=cfg.framing)
         return synth
     dataset = data.ManifestDataset(cfg.data, pipe.frames, pipe.hw, cfg.fps, train=True, seed=cfg.seed)
     sampler = torch.utils.data.DistributedSampler(dataset, world, rank, seed=cfg.seed) if world > 1 else None

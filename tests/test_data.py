@@ -122,3 +122,40 @@ def test_augment_reference_transforms():
     cy = (w * ys).sum((1, 2)) / w.sum((1, 2))
     angle = torch.atan2(cy - 16, cx - 16).abs()
     assert angle.max() <= math.radians(10) + 0.02 and angle.max() > math.radians(5)
+
+
+def _two_level_grey(n: int) -> torch.Tensor:
+    """n grey images (all channels equal), left half 0.2, right half 0.6 in [0, 1] pixels, as [-1, 1]."""
+    img = torch.full((n, 3, 4, 4), 0.2)
+    img[..., 2:] = 0.6
+    return img * 2 - 1
+
+
+def test_augment_reference_contrast_jitter_hand_computed():
+    """Geometry off, jitter 0.1, one grey image: saturation does nothing, brightness b multiplies,
+    contrast c stretches about the mean grey level. Uniforms as documented: rand(1, 8), b from
+    column 5, c from column 7. Left pixel: m + c (b 0.2 - m), m = b 0.4."""
+    x = _two_level_grey(1)
+    u = torch.rand(1, 8, generator=torch.Generator().manual_seed(11)).double()
+    b, c = 1 + 0.1 * (2 * u[0, 5].item() - 1), 1 + 0.1 * (2 * u[0, 7].item() - 1)
+    m = b * 0.4
+    left, right = m + c * (b * 0.2 - m), m + c * (b * 0.6 - m)
+    y = data.augment_reference(x, torch.Generator().manual_seed(11), flip_p=0.0, max_rot_deg=0.0, min_crop=1.0,
+                               jitter=0.1)
+    y01 = (y.double() + 1) / 2
+    torch.testing.assert_close(y01[0, :, :, :2], torch.full((3, 4, 2), left, dtype=torch.float64), atol=1e-6, rtol=0)
+    torch.testing.assert_close(y01[0, :, :, 2:], torch.full((3, 4, 2), right, dtype=torch.float64), atol=1e-6, rtol=0)
+
+
+def test_augment_reference_jitters_contrast_independently_of_brightness():
+    """On a two-level grey image the spread (right - left) scales by b c and the mean by b, so
+    c = (spread ratio) / (mean ratio) is read off the output: it must vary within [0.9, 1.1]."""
+    x = _two_level_grey(400)
+    y = (data.augment_reference(x, torch.Generator().manual_seed(0), flip_p=0.0, max_rot_deg=0.0, min_crop=1.0,
+                                jitter=0.1).double() + 1) / 2
+    spread = (y[..., 2:].mean((1, 2, 3)) - y[..., :2].mean((1, 2, 3))) / 0.4
+    gain = y.mean((1, 2, 3)) / 0.4
+    c = spread / gain
+    assert c.min() >= 0.9 - 1e-5 and c.max() <= 1.1 + 1e-5
+    assert c.min() < 0.93 and c.max() > 1.07  # spread over the range, not the old constant 1
+    assert abs(torch.corrcoef(torch.stack([c, gain]))[0, 1].item()) < 0.2  # drawn independently

@@ -207,3 +207,27 @@ def test_reconstruction_psnr_hand_value(tmp_path):
     clip = SynthWorld().sample(2, "test", 9, 32, "cross", seed=0)["video"][0]
     cell = sheet[78 + 14: 78 + 14 + 64, 64 * 5: 64 * 6: 2][::2]  # frame 4 of the reconstruction, 1x
     assert np.abs(cell - data.to_uint8((clip[:, 4] + 0.1).clamp(-1, 1)).astype(int)).max() <= 1
+
+
+def test_bootstrap_ci_hand_checkable_cases():
+    # constant values: every resample has the same mean
+    assert evaluate.bootstrap_ci(torch.full((10,), 0.25)) == pytest.approx((0.25, 0.25))
+    # {0, 1}: resampled means are 0, 1/2, 1 with probabilities 1/4, 1/2, 1/4, so the 2.5% and
+    # 97.5% quantiles are 0 and 1 (NaNs are left out first)
+    assert evaluate.bootstrap_ci(torch.tensor([0.0, float("nan"), 1.0])) == pytest.approx((0.0, 1.0))
+    assert evaluate.bootstrap_ci(torch.tensor([float("nan")])) is None
+    # 400 Bernoulli outcomes, 120 ones: the normal approximation 0.3 +- 1.96 sqrt(0.3 0.7 / 400)
+    v = torch.zeros(400)
+    v[:120] = 1
+    lo, hi = evaluate.bootstrap_ci(v)
+    half = 1.96 * (0.3 * 0.7 / 400) ** 0.5
+    assert lo == pytest.approx(0.3 - half, abs=0.006) and hi == pytest.approx(0.3 + half, abs=0.006)
+
+
+def test_summarise_and_table_carry_the_interval():
+    per_video = {"face_sim": torch.tensor([0.5, 0.5, 0.5]), "id_top1": torch.tensor([0.0, 1.0, float("nan")]),
+                 "skipped_frames": torch.zeros(3)}
+    summary = evaluate.summarise(per_video)
+    assert summary["face_sim_ci"] == pytest.approx([0.5, 0.5]) and summary["id_top1_ci"] == pytest.approx([0.0, 1.0])
+    row = evaluate.markdown_table({"m": summary}).splitlines()[2]
+    assert "| m | 0.500 [0.500, 0.500] | 0.500 [0.000, 1.000] |" in row

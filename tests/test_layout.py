@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 ENTRY_SCRIPTS = {"train", "sample", "evaluate", "bench.throughput", "fused.bench", "fused.gpu_check", "ltx2.__main__"}
@@ -63,7 +62,8 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_library_modules_never_import_entry_scripts_and_there_is_no_cycle():
     mods = project_modules()
     graph = {m: imported(p, mods) - {m} for m, p in mods.items()}
-    wrong = {m: sorted(deps & ENTRY_SCRIPTS) for m, deps in graph.items() if m not in ENTRY_SCRIPTS and deps & ENTRY_SCRIPTS}
+    entry = ENTRY_SCRIPTS | {m for m in mods if m.startswith("experiments.")}  # scripts that drive the others
+    wrong = {m: sorted(deps & entry) for m, deps in graph.items() if m not in entry and deps & entry}
     assert not wrong, f"library modules importing entry scripts: {wrong}"
     assert find_cycle(graph) is None, "import cycle: " + " -> ".join(find_cycle(graph))
 

@@ -264,3 +264,54 @@ def test_sample_faces_orders_rows_by_id_and_varies_nuisance():
     assert (faces["image"][0] - faces["image"][1]).abs().mean() > 0.05
     inside = (faces["landmarks"] >= -2) & (faces["landmarks"] <= SIZE + 1)
     assert inside.all()
+
+
+# ----------------------------------------------------------------------------- framing
+
+def _eye_distance(marks):
+    return (marks[..., 0, :] - marks[..., 1, :]).norm(dim=-1)
+
+
+def test_closeup_is_the_same_clip_zoomed_and_pulled_to_the_centre():
+    """Same seed, same draws: a close-up clip is the wide clip with every face length times 1.35
+    and the face centre moved to (0.6 cx, -0.06 + 0.6 (cy + 0.035)) (normalised coordinates);
+    for a clip whose scale is constant (nods) that is exact in pixels."""
+    size, ids = 32, [3, 4, 5]
+    nods = [ACTIONS.index("nods")] * 3
+    wide = synth.render_clips(ids, nods, [0, 1, 2], frames=5, size=size, seed=7)
+    close = synth.render_clips(ids, nods, [0, 1, 2], frames=5, size=size, seed=7, framing="closeup")
+    ratio = _eye_distance(close["landmarks"]) / _eye_distance(wide["landmarks"])
+    torch.testing.assert_close(ratio, torch.full_like(ratio, 1.35), rtol=1e-4, atol=0)
+    # landmark -> normalised coordinate -> offset from the face centre scales by 1.35 about the new centre
+    norm = lambda m: (m + 0.5) / size * 2 - 1  # noqa: E731
+    cx, cy = wide["state"]["cx"][..., None], wide["state"]["cy"][..., None]
+    pred_x = 0.6 * cx + 1.35 * (norm(wide["landmarks"][..., 0]) - cx)
+    pred_y = -0.06 + 0.6 * (cy + 0.035) + 1.35 * (norm(wide["landmarks"][..., 1]) - cy)
+    torch.testing.assert_close(norm(close["landmarks"][..., 0]), pred_x, rtol=0, atol=1e-4)
+    torch.testing.assert_close(norm(close["landmarks"][..., 1]), pred_y, rtol=0, atol=1e-4)
+
+
+def test_closeup_approach_grows_by_the_wide_growth_to_the_power_0_7():
+    a = [ACTIONS.index("approaches the camera")] * 4
+    wide = synth.render_clips([1, 2, 3, 4], a, [0, 1, 2, 3], frames=9, size=64, seed=3)
+    close = synth.render_clips([1, 2, 3, 4], a, [0, 1, 2, 3], frames=9, size=64, seed=3, framing="closeup")
+    g_wide = _eye_distance(wide["landmarks"][:, -1]) / _eye_distance(wide["landmarks"][:, 0])
+    g_close = _eye_distance(close["landmarks"][:, -1]) / _eye_distance(close["landmarks"][:, 0])
+    torch.testing.assert_close(g_close, g_wide ** 0.7, rtol=1e-4, atol=0)
+    assert (g_close > 1.3).all()  # still a clear approach: 0.7 -> 1.35 of the start size becomes 0.78 -> 1.23
+
+
+def test_closeup_keeps_every_action_in_view_and_faces_large():
+    b = SynthWorld(framing="closeup").sample(64, "test", frames=9, size=32, seed=1)
+    for marks in (b["landmarks"].flatten(1, 2), b["ref_landmarks"]):
+        assert ((marks > -0.5) & (marks < 31.5)).all()
+    wide = SynthWorld().sample(64, "test", frames=9, size=32, seed=1)
+    assert _eye_distance(b["landmarks"]).mean() > 1.3 * _eye_distance(wide["landmarks"]).mean()
+
+
+def test_wide_framing_is_the_default_world_and_unknown_framing_is_refused():
+    a = SynthWorld().sample(3, "train", frames=5, size=32, seed=2)
+    b = SynthWorld(framing="wide").sample(3, "train", frames=5, size=32, seed=2)
+    assert all(torch.equal(a[k], b[k]) for k in ("video", "ref", "landmarks"))
+    with pytest.raises(ValueError):
+        SynthWorld(framing="far")

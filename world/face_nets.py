@@ -206,7 +206,7 @@ def degrade(x: torch.Tensor, g: torch.Generator, blur_p: float = 0.5, noise: flo
 
 
 def colour_jitter(x: torch.Tensor, g: torch.Generator, amount: float = 0.15) -> torch.Tensor:
-    """Brightness and saturation jitter of data.augment_reference, its geometry switched off."""
+    """Brightness, contrast and saturation jitter of data.augment_reference, its geometry switched off."""
     return augment_reference(x, g, flip_p=0.0, max_rot_deg=0.0, min_crop=1.0, jitter=amount)
 
 

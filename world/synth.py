@@ -79,6 +79,10 @@ HAIR_STYLES = ("bald", "short", "long", "fringe", "spiky", "curly")
 FACIAL_HAIR = ("none", "moustache", "beard")
 TEST_ID_START = 100_000
 REF_SOURCES = ("cross", "portrait", "in_clip")  # SynthWorld.sample's reference kinds
+FRAMINGS = ("wide", "closeup")  # camera framings: the original one, and head and shoulders filling the frame
+# closeup: faces CLOSEUP_ZOOM times larger, positions (and the "moves across" path) CLOSEUP_TRAVEL times as far
+# from the frame's centre line, re-centred at CLOSEUP_CY; scale changes ("approaches") raised to CLOSEUP_GROWTH
+CLOSEUP_ZOOM, CLOSEUP_TRAVEL, CLOSEUP_CY, CLOSEUP_GROWTH = 1.35, 0.6, -0.06, 0.7
 LANDMARK_NAMES = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
 
 # Palettes (RGB in [0, 1]). Skin is interpolated along the list; the others are picked.
@@ -241,6 +245,26 @@ def _portrait_state(n: int, g: torch.Generator) -> dict[str, torch.Tensor]:
     st = _static_state(n, g, wide=False)
     st["cx"], st["cy"], st["scale"] = torch.zeros(n), torch.full((n,), -0.035), torch.full((n,), 0.44)
     return st
+
+
+def frame_state(st: dict[str, torch.Tensor], framing: str, start_scale: torch.Tensor | None = None) -> dict:
+    """The same state seen through another camera framing (FRAMINGS). "wide" returns `st` itself
+    (the original world, bit for bit). "closeup": the face CLOSEUP_ZOOM times larger, head and
+    shoulders filling the frame; cx and cy pulled towards (0, CLOSEUP_CY) by CLOSEUP_TRAVEL so
+    every action stays in view; a scale that changes over the clip ("approaches the camera")
+    grows by (scale / start_scale) ** CLOSEUP_GROWTH instead (start_scale [n]: the clip's first
+    scale; default: the state's own, for stills). Draws no random numbers."""
+    if framing not in FRAMINGS:
+        raise ValueError(f"framing must be one of {FRAMINGS}, got {framing!r}")
+    if framing == "wide":
+        return st
+    out = dict(st)
+    s = st["scale"]
+    s0 = s if start_scale is None else start_scale.reshape(-1, *([1] * (s.dim() - 1)))
+    out["scale"] = CLOSEUP_ZOOM * s0 * (s / s0) ** CLOSEUP_GROWTH
+    out["cx"] = CLOSEUP_TRAVEL * st["cx"]
+    out["cy"] = CLOSEUP_CY + CLOSEUP_TRAVEL * (st["cy"] + 0.035)  # 0.035: the wide clips' mean face height
+    return out
 
 
 def _act(st: dict[str, torch.Tensor], actions: torch.Tensor, frames: int,
@@ -791,13 +815,15 @@ def _still(st: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def render_clips(ids, actions, scenes, frames: int = 17, size: int = 64, seed: int | None = None,
-                 generator: torch.Generator | None = None, device="cpu") -> dict:
+                 generator: torch.Generator | None = None, device="cpu", framing: str = "wide") -> dict:
     """Clips of identities `ids` acting out ACTIONS[actions] in SCENES[scenes] (all [B]), with a
-    random start pose, position, light and scene layout. Returns video [B, 3, F, S, S] in
-    [-1, 1], landmarks [B, F, 5, 2], boxes [B, F, 4] and the per-frame `state` it rendered."""
+    random start pose, position, light and scene layout, through the camera `framing`. Returns
+    video [B, 3, F, S, S] in [-1, 1], landmarks [B, F, 5, 2], boxes [B, F, 4] and the per-frame
+    `state` it rendered."""
     g = _generator(seed, generator)
     ids, actions, scenes = (torch.as_tensor(x, dtype=torch.long).reshape(-1) for x in (ids, actions, scenes))
-    state = _act(_static_state(len(ids), g, wide=False), actions, frames, g)
+    static = _static_state(len(ids), g, wide=False)
+    state = frame_state(_act(static, actions, frames, g), framing, static["scale"])
     video, marks, boxes = _shoot(ids, state, scenes, size, g, device)
     return {"video": video, "landmarks": marks, "boxes": boxes, "state": state}
 
@@ -808,10 +834,12 @@ class SynthWorld:
     train ids: range(0, n_train_ids); test ids: range(TEST_ID_START, TEST_ID_START + n_test_ids).
     """
 
-    def __init__(self, n_train_ids: int = TEST_ID_START, n_test_ids: int = 1000):
+    def __init__(self, n_train_ids: int = TEST_ID_START, n_test_ids: int = 1000, framing: str = "wide"):
         if not 0 < n_train_ids <= TEST_ID_START:
             raise ValueError(f"n_train_ids must be in 1..{TEST_ID_START} so train and test ids stay disjoint")
-        self.n_train_ids, self.n_test_ids = n_train_ids, n_test_ids
+        if framing not in FRAMINGS:
+            raise ValueError(f"framing must be one of {FRAMINGS}, got {framing!r}")
+        self.n_train_ids, self.n_test_ids, self.framing = n_train_ids, n_test_ids, framing
 
     def ids(self, split: str) -> range:
         if split == "train":
@@ -841,7 +869,7 @@ class SynthWorld:
         action = torch.randint(len(ACTIONS), (batch,), generator=g)
         scene = torch.randint(len(SCENES), (batch,), generator=g)
         template = torch.randint(len(TEMPLATES), (batch,), generator=g)
-        clip = render_clips(ids, action, scene, frames, size, generator=g, device=device)
+        clip = render_clips(ids, action, scene, frames, size, generator=g, device=device, framing=self.framing)
         video, marks, boxes = clip["video"], clip["landmarks"], clip["boxes"]
         if ref == "in_clip":
             ref_frame = torch.randint(frames, (batch,), generator=g)
@@ -850,7 +878,8 @@ class SynthWorld:
         else:
             ref_frame = torch.full((batch,), -1)
             ref_scene = (scene + torch.randint(1, len(SCENES), (batch,), generator=g)) % len(SCENES)
-            ref_state = _still(_portrait_state(batch, g) if ref == "portrait" else _static_state(batch, g, wide=True))
+            ref_state = _portrait_state(batch, g) if ref == "portrait" else _static_state(batch, g, wide=True)
+            ref_state = _still(frame_state(ref_state, self.framing))
             ref_video, ref_marks, _ = _shoot(ids, ref_state, ref_scene, size, g, device)
             ref_img, ref_marks = ref_video[:, :, 0], ref_marks[:, 0]
         return {
@@ -862,7 +891,7 @@ class SynthWorld:
 
 
 def sample_faces(ids, n_per_id: int = 1, size: int = 64, seed: int | None = None,
-                 generator: torch.Generator | None = None, device="cpu") -> dict:
+                 generator: torch.Generator | None = None, device="cpu", framing: str = "wide") -> dict:
     """Single face images of the given identities, each under random pose, expression, light,
     position and scene (for training or testing a face embedder). Row order: ids repeated
     n_per_id times each (id0, id0, ..., id1, ...). Returns image [N, 3, S, S] in [-1, 1],
@@ -870,7 +899,8 @@ def sample_faces(ids, n_per_id: int = 1, size: int = 64, seed: int | None = None
     g = _generator(seed, generator)
     ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1).repeat_interleave(n_per_id)
     scene = torch.randint(len(SCENES), (len(ids),), generator=g)
-    video, marks, boxes = _shoot(ids, _still(_static_state(len(ids), g, wide=True)), scene, size, g, device)
+    video, marks, boxes = _shoot(ids, _still(frame_state(_static_state(len(ids), g, wide=True), framing)), scene, size, g,
+                                 device)
     return {"image": video[:, :, 0], "landmarks": marks[:, 0], "boxes": boxes[:, 0],
             "identity": ids.to(device), "scene": scene.to(device)}
 
@@ -919,10 +949,12 @@ def main(argv=None):
     ap.add_argument("--ref", choices=REF_SOURCES, default="cross",
                     help="reference: another shot of the identity (cross), one posed like an ID photo (portrait), "
                          "or a frame of the clip (in_clip)")
+    ap.add_argument("--framing", choices=FRAMINGS, default="wide",
+                    help="camera: the original framing (wide) or head and shoulders filling the frame (closeup)")
     ap.add_argument("--zoom", type=int, default=2, help="integer upscaling of each tile (nearest neighbour)")
     ap.add_argument("--landmarks", action="store_true", help="overlay the 5 ground-truth landmarks")
     args = ap.parse_args(argv)
-    batch = SynthWorld().sample(args.n, args.split, args.frames, args.size, args.ref, seed=args.seed)
+    batch = SynthWorld(framing=args.framing).sample(args.n, args.split, args.frames, args.size, args.ref, seed=args.seed)
     contact_sheet(batch, zoom=args.zoom, show_landmarks=args.landmarks).save(args.sheet)
     print(f"wrote {args.sheet}")
 
