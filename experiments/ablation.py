@@ -25,10 +25,13 @@ import argparse
 import json
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import evaluate
 import train
+from infra.cli import add_flags, config_from, flag
+from world.synth import FRAMINGS
 
 FACE_MODEL = "assets/face_model"
 # name -> (train flags on top of the base, s_r at sampling: None = s_y, i.e. standard CFG)
@@ -60,22 +63,26 @@ def run_training(flags: list[str], out: Path, steps: int, save_every: int) -> Pa
     return final
 
 
+@dataclass
+class AblationConfig:
+    quick: bool = flag(False, "tiny preset, a few steps, 4 clips: the pipeline end to end")
+    config: str = flag("demo", "model preset (pipeline.PRESETS)")
+    vae: str = flag("assets/stdrc-demo", "checkpoint whose VAE every row uses (quick: one trained here)")
+    framing: str = flag("wide", "synthetic camera framing", choices=FRAMINGS)
+    base_steps: int = flag(4000, "steps of the text-to-video base (row 1)", lo=1)
+    steps: int = flag(3000, "fine-tuning steps of each row from the base", lo=1)
+    batch: int = flag(16, "clips per step", lo=1)
+    lr: float = flag(5e-4, "AdamW learning rate", lo=0.0)
+    n: int = flag(128, "held-out clips scored per row", lo=1)
+    sample_steps: int = flag(30, "sampling steps", lo=1)
+    s_text: float = flag(5.0, "text guidance scale s_y")
+    seed: int = flag(0, "seed of training and of the held-out set", lo=0)
+    out: str = flag("runs/ablation", "folder of the runs, ablation.md and ablation.json")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="tiny preset, a few steps, 4 clips: the pipeline end to end")
-    p.add_argument("--config", default="demo", help="model preset")
-    p.add_argument("--vae", default="assets/stdrc-demo", help="checkpoint whose VAE every row uses (quick: trained)")
-    p.add_argument("--framing", default="wide", choices=("wide", "closeup"), help="synthetic camera framing")
-    p.add_argument("--base-steps", type=int, default=4000, help="steps of the text-to-video base (row 1)")
-    p.add_argument("--steps", type=int, default=3000, help="fine-tuning steps of each row from the base")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--n", type=int, default=128, help="held-out clips scored per row")
-    p.add_argument("--sample-steps", type=int, default=30, help="sampling steps")
-    p.add_argument("--s-text", type=float, default=5.0, help="s_y")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="runs/ablation")
-    args = p.parse_args(argv)
+    args = config_from(AblationConfig, add_flags(p, AblationConfig).parse_args(argv))
     if args.quick:
         args.config, args.base_steps, args.steps, args.batch, args.n, args.sample_steps = "tiny", 2, 2, 2, 4, 2
     out = Path(args.out)

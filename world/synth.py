@@ -51,10 +51,13 @@ CLI: `python -m world.synth --sheet assets/world_sheet.png` writes a contact she
 import argparse
 import math
 import re
+import sys
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from infra.cli import add_flags, config_from, flag
 
 ACTIONS = (
     "turns to the left",
@@ -938,26 +941,32 @@ def contact_sheet(batch: dict, columns: int = 6, zoom: int = 2, show_landmarks: 
     return sheet
 
 
-def main(argv=None):
+@dataclass
+class SheetConfig:
+    sheet: str = flag("", "output PNG path, its folder existing (required)")
+    seed: int = flag(0, "random seed of the batch (same seed -> same sheet)", lo=0)
+    n: int = flag(6, "number of clips, one per row", lo=1)
+    size: int = flag(64, "frame side in pixels", lo=16)
+    frames: int = flag(17, "frames per clip (the sheet shows 6 evenly spaced ones)", lo=1)
+    split: str = flag("train", "identity split to draw from", choices=("train", "test"))
+    ref: str = flag("cross", "reference: another shot of the identity (cross), one posed like an ID photo (portrait), "
+                             "or a frame of the clip (in_clip)", choices=REF_SOURCES)
+    framing: str = flag("wide", "camera: the original framing (wide) or head and shoulders filling the frame (closeup)",
+                        choices=FRAMINGS)
+    zoom: int = flag(2, "integer upscaling of each tile (nearest neighbour)", lo=1)
+    landmarks: bool = flag(False, "overlay the 5 ground-truth landmarks")
+
+
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Render a contact sheet of the synthetic identity-video world.")
-    ap.add_argument("--sheet", required=True, help="output PNG path (its folder must exist)")
-    ap.add_argument("--seed", type=int, default=0, help="random seed of the batch (same seed -> same sheet)")
-    ap.add_argument("--n", type=int, default=6, help="number of clips, one per row")
-    ap.add_argument("--size", type=int, default=64, help="frame side in pixels")
-    ap.add_argument("--frames", type=int, default=17, help="frames per clip (the sheet shows 6 evenly spaced ones)")
-    ap.add_argument("--split", choices=("train", "test"), default="train", help="identity split to draw from")
-    ap.add_argument("--ref", choices=REF_SOURCES, default="cross",
-                    help="reference: another shot of the identity (cross), one posed like an ID photo (portrait), "
-                         "or a frame of the clip (in_clip)")
-    ap.add_argument("--framing", choices=FRAMINGS, default="wide",
-                    help="camera: the original framing (wide) or head and shoulders filling the frame (closeup)")
-    ap.add_argument("--zoom", type=int, default=2, help="integer upscaling of each tile (nearest neighbour)")
-    ap.add_argument("--landmarks", action="store_true", help="overlay the 5 ground-truth landmarks")
-    args = ap.parse_args(argv)
+    args = config_from(SheetConfig, add_flags(ap, SheetConfig).parse_args(argv))
+    if not args.sheet:
+        ap.error("--sheet PATH is required")
     batch = SynthWorld(framing=args.framing).sample(args.n, args.split, args.frames, args.size, args.ref, seed=args.seed)
     contact_sheet(batch, zoom=args.zoom, show_landmarks=args.landmarks).save(args.sheet)
     print(f"wrote {args.sheet}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
