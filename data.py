@@ -330,7 +330,8 @@ def synth_batch(batch: int, size: int, frames: int, generator: torch.Generator, 
                 device="cpu", split: str = "train", framing: str = "wide") -> dict:
     """A batch of the synthetic world (synth.py): clips, references, prompts, landmarks.
     ref_source: cross (another shot of the identity), portrait (another shot posed like an ID photo),
-    in_clip (a frame of the clip), or mix (in_clip or cross, half each); framing: world.synth.FRAMINGS."""
+    in_clip (a frame of the clip), moved (that frame shifted by up to synth.MOVE_PX pixels), or mix
+    (in_clip or cross, half each); framing: world.synth.FRAMINGS."""
 
     if ref_source == "mix":
         ref_source = "in_clip" if torch.rand(1, generator=generator).item() < 0.5 else "cross"

@@ -222,7 +222,7 @@ def benchmark(judges: Judges, ckpt, n: int = 32, steps: int = 20, s_y: float = 5
               ref: str = "cross", framing: str = "wide") -> dict[str, dict]:
     """The synthetic test set (held-out identities, template prompts, references as SynthWorld.sample's
     `ref`: "cross", another clip of the identity, "portrait", one posed like an ID photo, or
-    "in_clip", a frame of the clip itself):
+    "in_clip", a frame of the clip itself, "moved", that frame shifted by up to synth.MOVE_PX pixels):
     its ground-truth clips ("real videos"), those clips through the VAE (the ceiling of any DiT
     on it) and the model's videos, each summarised. `sheet`:
     a PNG of the first sheet_rows clips, each generated row above the real clip of its identity."""
@@ -302,7 +302,8 @@ class EvalConfig:
     seed: int = flag(0, "seed of the test set and the noise", lo=0, hi=2**31 - 1)
     ref_source: str = flag("cross", f"--benchmark references, one of {REF_SOURCES}: cross (another clip of the "
                                     "identity: other pose, light, scene; the paper's setting), portrait (the same, "
-                                    "posed like an ID photo) or in_clip (a frame of the clip itself: the copy-paste trap)",
+                                    "posed like an ID photo), in_clip (a frame of the clip itself: the copy-paste trap) or "
+                                    "moved (that frame shifted by up to synth.MOVE_PX pixels on each axis)",
                       choices=REF_SOURCES)
     framing: str = flag("wide", "--benchmark, --recon: synthetic camera framing, wide (the original world) or closeup "
                                 "(head and shoulders filling the frame)", choices=FRAMINGS)

@@ -98,7 +98,8 @@ class TrainConfig:
     face_model: str = flag("", "face embedder for L_id / L_tic (faces.py); empty: flow loss only")
     id_frames: int = flag(2, "latent frames decoded for the face loss (from the first)", lo=1)
     ref_source: str = flag("cross", "synthetic references: cross (other clip of the identity), portrait (another "
-                                     "shot posed like an ID photo: centred, fixed size, mild pose), in_clip, or mix",
+                                     "shot posed like an ID photo: centred, fixed size, mild pose), in_clip, moved (the in-clip frame "
+                                     "shifted by up to synth.MOVE_PX pixels), or mix",
                            choices=(*REF_SOURCES, "mix"))
     framing: str = flag("wide", "synthetic camera framing: wide (the original world) or closeup (head and shoulders "
                                 "filling the frame; world.synth.frame_state)", choices=FRAMINGS)

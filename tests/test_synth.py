@@ -117,6 +117,26 @@ def test_in_clip_reference_is_exactly_a_frame_of_the_clip():
     assert torch.equal(b["ref_scene"], b["scene"])
 
 
+def test_moved_reference_is_the_in_clip_reference_shifted_by_its_recorded_offsets():
+    """moved: the same clip and in-clip frame as in_clip (same seed), the image moved by ref_shift =
+    (dx, dy) whole pixels, uncovered border filled by edge replication, landmarks + ref_shift; the
+    offsets lie in [-MOVE_PX, MOVE_PX] and vary across the batch."""
+    k, n = synth.MOVE_PX, 16
+    a, m = small_batch(ref="in_clip", batch=n, seed=3), small_batch(ref="moved", batch=n, seed=3)
+    assert torch.equal(m["video"], a["video"]) and torch.equal(m["ref_frame"], a["ref_frame"])
+    shift = m["ref_shift"]
+    assert shift.shape == (n, 2) and shift.dtype == torch.long
+    assert shift.abs().max() <= k and (shift < 0).any() and (shift > 0).any()
+    assert len({tuple(s) for s in shift.tolist()}) > n // 2 and shift.float().std(0).min() > 1
+    torch.testing.assert_close(m["ref_landmarks"], a["ref_landmarks"] + shift[:, None].float(), atol=1e-4, rtol=0)
+    ys, xs = torch.arange(SIZE)[:, None], torch.arange(SIZE)[None]
+    for i, (dx, dy) in enumerate(shift.tolist()):
+        src_y, src_x = (ys - dy).clamp(0, SIZE - 1), (xs - dx).clamp(0, SIZE - 1)
+        assert torch.equal(m["ref"][i], a["ref"][i][:, src_y, src_x]), i
+        if (dx, dy) != (0, 0):
+            assert not torch.equal(m["ref"][i], a["ref"][i]), i
+
+
 def test_cross_reference_is_another_shot_of_the_same_identity():
     b = small_batch(ref="cross", batch=16)
     assert (b["ref_frame"] == -1).all()

@@ -81,7 +81,10 @@ TEMPLATES = (
 HAIR_STYLES = ("bald", "short", "long", "fringe", "spiky", "curly")
 FACIAL_HAIR = ("none", "moustache", "beard")
 TEST_ID_START = 100_000
-REF_SOURCES = ("cross", "portrait", "in_clip")  # SynthWorld.sample's reference kinds
+REF_SOURCES = ("cross", "portrait", "in_clip", "moved")  # SynthWorld.sample's reference kinds
+# ref="moved": the in-clip reference shifted by a random whole number of pixels in [-MOVE_PX, MOVE_PX]
+# on each axis (8 px = 2 latent tokens of the demo model), background filled by edge replication
+MOVE_PX = 8
 FRAMINGS = ("wide", "closeup")  # camera framings: the original one, and head and shoulders filling the frame
 # closeup: faces CLOSEUP_ZOOM times larger, positions (and the "moves across" path) CLOSEUP_TRAVEL times as far
 # from the frame's centre line, re-centred at CLOSEUP_CY; scale changes ("approaches") raised to CLOSEUP_GROWTH
@@ -861,7 +864,9 @@ class SynthWorld:
         in another pose, expression, light, position and scene (ref_scene != scene,
         ref_frame = -1); ref="portrait": the same, but posed like an ID photo (face centred at a
         fixed size, a clip's mild pose and expression); ref="in_clip": frame ref_frame of the clip
-        itself (ref_scene = scene).
+        itself (ref_scene = scene); ref="moved": that in-clip frame and its landmarks shifted by
+        ref_shift [B, 2] = (dx, dy) whole pixels, each in [-MOVE_PX, MOVE_PX] (edge replication fills
+        the uncovered border).
         Same seed (or generator state) -> identical tensors.
         """
         if ref not in REF_SOURCES:
@@ -874,10 +879,13 @@ class SynthWorld:
         template = torch.randint(len(TEMPLATES), (batch,), generator=g)
         clip = render_clips(ids, action, scene, frames, size, generator=g, device=device, framing=self.framing)
         video, marks, boxes = clip["video"], clip["landmarks"], clip["boxes"]
-        if ref == "in_clip":
+        if ref in ("in_clip", "moved"):
             ref_frame = torch.randint(frames, (batch,), generator=g)
             rows, pick = torch.arange(batch, device=device), ref_frame.to(device)
             ref_img, ref_marks, ref_scene = video[rows, :, pick], marks[rows, pick], scene
+            if ref == "moved":
+                shift = torch.randint(-MOVE_PX, MOVE_PX + 1, (batch, 2), generator=g)  # (dx, dy) pixels
+                ref_img, ref_marks = _move(ref_img, shift.to(device)), ref_marks + shift.to(ref_marks)[:, None]
         else:
             ref_frame = torch.full((batch,), -1)
             ref_scene = (scene + torch.randint(1, len(SCENES), (batch,), generator=g)) % len(SCENES)
@@ -885,12 +893,24 @@ class SynthWorld:
             ref_state = _still(frame_state(ref_state, self.framing))
             ref_video, ref_marks, _ = _shoot(ids, ref_state, ref_scene, size, g, device)
             ref_img, ref_marks = ref_video[:, :, 0], ref_marks[:, 0]
-        return {
+        out = {
             "video": video, "ref": ref_img, "landmarks": marks, "boxes": boxes, "ref_landmarks": ref_marks,
             "prompt": [make_prompt(a, s, t) for a, s, t in zip(action.tolist(), scene.tolist(), template.tolist())],
             **{k: v.to(device) for k, v in dict(identity=ids, action=action, scene=scene, ref_scene=ref_scene,
                                                  ref_frame=ref_frame).items()},
         }
+        if ref == "moved":
+            out["ref_shift"] = shift.to(device)
+        return out
+
+
+def _move(img: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """img [B, C, H, W] moved by shift [B, 2] = (dx, dy) whole pixels (+x right, +y down), each
+    |shift| <= MOVE_PX: out[..., y, x] = img[..., clamp(y - dy), clamp(x - dx)] (edge replication)."""
+    H, W = img.shape[-2:]
+    padded = F.pad(img, (MOVE_PX,) * 4, mode="replicate")
+    return torch.stack([padded[b, :, MOVE_PX - dy:MOVE_PX - dy + H, MOVE_PX - dx:MOVE_PX - dx + W]
+                        for b, (dx, dy) in enumerate(shift.tolist())])
 
 
 def sample_faces(ids, n_per_id: int = 1, size: int = 64, seed: int | None = None,
@@ -950,7 +970,8 @@ class SheetConfig:
     frames: int = flag(17, "frames per clip (the sheet shows 6 evenly spaced ones)", lo=1)
     split: str = flag("train", "identity split to draw from", choices=("train", "test"))
     ref: str = flag("cross", "reference: another shot of the identity (cross), one posed like an ID photo (portrait), "
-                             "or a frame of the clip (in_clip)", choices=REF_SOURCES)
+                             "a frame of the clip (in_clip), or that frame moved by up to MOVE_PX pixels (moved)",
+                choices=REF_SOURCES)
     framing: str = flag("wide", "camera: the original framing (wide) or head and shoulders filling the frame (closeup)",
                         choices=FRAMINGS)
     zoom: int = flag(2, "integer upscaling of each tile (nearest neighbour)", lo=1)
