@@ -3,9 +3,9 @@
 # nohup bash experiments/closeup_chain.sh >> runs/closeup/driver.log 2>&1 &   (the copy that ran: runs/closeup/driver.sh)
 # Never start it while its train.py still runs (ps): two trainings would write the same folder.
 set -u
-cd /work/wt-world
+cd "$(dirname "$0")/.."  # the checkout whose runs/ holds the chain
 export OMP_NUM_THREADS=1
-PY=/work/venv/bin/python
+PY="${PYTHON:-python}"
 VAE=runs/closeup-vae; DIT=runs/closeup-dit; KEEP=runs/closeup/milestones
 VAE_STEPS=1200; DIT_STEPS=40000
 mkdir -p $KEEP
