@@ -53,11 +53,10 @@ from infra import checkpoint
 from infra.cli import add_flags, config_from, flag, parser
 from infra.errors import check_device, check_suffix, check_writable, run_main
 from pipeline import generate
-from world.face_nets import SYNTH_FACE_MODEL, resize_frames
+from world.face_nets import FACE_THRESHOLD, SYNTH_FACE_MODEL, resize_frames
 from world.judges import WORLD_MODEL, WORLD_SIZE, Judges, accuracy, face_size, load_judges
 from world.synth import FRAMINGS, REF_SOURCES, SynthWorld, parse_prompt
 
-FACE_THRESHOLD = 0.5  # detector score above which a frame has a face
 POSE_SCALE = 0.25    # face sizes at which copy_pose has fallen to 1/e
 FACE_FRAMES = 16     # frames per video for face_sim and temporal_id
 

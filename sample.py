@@ -25,10 +25,10 @@ from infra.cli import add_flags, config_from, flag, parser
 from infra.errors import UsageError, check_attn, check_device, check_suffix, check_writable, run_main
 from ltx2.convert import LTX2_FPS, build_pipeline, find_transformer
 from pipeline import Pipeline, encode_text, generate, load_text
+from world.face_nets import FACE_THRESHOLD, load_synth_detector
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEFAULT_CKPT = ASSETS / "stdrc-demo"
-SYNTH_FACE_THRESHOLD = 0.5  # the synthetic detector's score above which there is a face (evaluate.FACE_THRESHOLD)
 
 
 @dataclass
@@ -120,11 +120,10 @@ def detect_faces(image: torch.Tensor, face_models: str) -> torch.Tensor:
     except (ImportError, FileNotFoundError):
         if face_models:
             raise
-        from world.face_nets import load_synth_detector
         print("sample.py: --ref-crop: no InsightFace pack found, the synthetic world's face detector crops the reference",
               file=sys.stderr)
         landmarks, score = load_synth_detector().detect_batch(image[None])
-        return landmarks[score > SYNTH_FACE_THRESHOLD]
+        return landmarks[score > FACE_THRESHOLD]
     return torch.stack([torch.as_tensor(kps, dtype=torch.float32) for _, kps, _ in detector.detect(image)] or
                        [torch.zeros(0, 5, 2)]).reshape(-1, 5, 2)
 

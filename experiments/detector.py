@@ -2,8 +2,7 @@
 detection rate. python -m experiments.detector"""
 import torch
 
-from evaluate import FACE_THRESHOLD
-from world.face_nets import load_synth_detector
+from world.face_nets import FACE_THRESHOLD, load_synth_detector
 from world.judges import face_size
 from world.synth import SynthWorld
 

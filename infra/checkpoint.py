@@ -151,8 +151,9 @@ def open_run(run: Path, resume: bool, overwrite: bool, steps: int, main_process:
     one that does not, which the main process sets aside), refused when it is already at `steps`; a fresh run ->
     (None, None, []), refused in a folder that holds an earlier run's results unless `overwrite`."""
     if not resume:
-        if earlier_run(run) and not overwrite:
-            raise UsageError(f"{run} holds an earlier run ({', '.join(p.name for p in earlier_run(run)[:3])}): pass "
+        earlier = earlier_run(run)
+        if earlier and not overwrite:
+            raise UsageError(f"{run} holds an earlier run ({', '.join(p.name for p in earlier[:3])}): pass "
                              f"--resume to continue it, --overwrite to start afresh there (deletes it), or another --out")
         return None, None, []
     src, state, skipped, why = load_for_resume(run, **load_args)

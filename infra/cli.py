@@ -2,7 +2,7 @@
 import argparse
 from dataclasses import MISSING, field, fields
 
-from infra.errors import bounds, check_flags
+from infra.errors import bounds, check_flags, flag_name
 
 
 class Parser(argparse.ArgumentParser):
@@ -30,7 +30,7 @@ def add_flags(parser: argparse.ArgumentParser, cls) -> argparse.ArgumentParser:
     get `--x/--no-x`, the others are switches."""
     for f in fields(cls):
         default = f.default_factory() if f.default is MISSING else f.default
-        name = "--" + f.name.replace("_", "-")
+        name = flag_name(f.name)
         if isinstance(default, bool):  # off by default: a switch; on by default: --x / --no-x
             action = argparse.BooleanOptionalAction if default else "store_true"
             parser.add_argument(name, action=action, default=default,

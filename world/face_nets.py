@@ -32,6 +32,7 @@ from world.synth import (ACTIONS, SCENES, TEST_ID_START, identity_params, landma
 # that finds the face and its 5 landmarks in generated frames, where no ground truth exists.
 
 SYNTH_FACE_MODEL = Path(__file__).resolve().parents[1] / "assets" / "face_model"
+FACE_THRESHOLD = 0.5  # SynthFaceDetector score above which a frame has a face
 
 
 @dataclass
@@ -327,7 +328,7 @@ def landmark_metrics(detector: SynthFaceDetector, ids, size: int, seed: int, cli
     images, landmarks, present = detector_batch(ids, clips, 9, size, torch.Generator().manual_seed(seed))
     pred, score = detector.detect_batch(images)
     error = (pred - landmarks)[present].norm(dim=-1).mean().item()
-    return {f"landmark_error_px_{size}": error, f"face_accuracy_{size}": ((score > 0.5) == present).float().mean().item()}
+    return {f"landmark_error_px_{size}": error, f"face_accuracy_{size}": ((score > FACE_THRESHOLD) == present).float().mean().item()}
 
 
 @dataclass
